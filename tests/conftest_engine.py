@@ -1,6 +1,6 @@
 """Fixtures for the vLLM engine loop and the GGUF conversion, on the real SmolLM2-135M-Instruct.
 
-Loaded by ``pytest_plugins = ["conftest_engine"]`` in the test modules (or imported by tests/conftest.py),
+Loaded by ``pytest_plugins = ["tests.conftest_engine"]`` in the test modules (or imported by tests/conftest.py),
 so there is exactly one model conversion and one engine load per session.
 
 Fixtures:
@@ -8,6 +8,7 @@ Fixtures:
         overrides the location).
     engine_loop: a started :class:`EngineLoop` on CPU (max_model_len 1024, 1 GiB KV cache), session-wide.
     engine_run: ``engine_run(requests, group=..., timeout=...) -> dict[request_id, EngineResult]``.
+    collector: a fresh ResultCollector (an ``on_results`` callback with ``wait_done`` / ``done_flags``).
 """
 
 from __future__ import annotations
@@ -95,6 +96,12 @@ class ResultCollector:
         """The ``group_done`` flag of every call for ``group``, in call order."""
         with self._cond:
             return [d for g, _, d in self.calls if g == group]
+
+
+@pytest.fixture
+def collector() -> ResultCollector:
+    """A fresh :class:`ResultCollector` to pass as ``on_results`` to ``engine_loop.submit``."""
+    return ResultCollector()
 
 
 @pytest.fixture

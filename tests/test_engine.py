@@ -7,14 +7,15 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
-from conftest_engine import ENGINE_MAX_MODEL_LEN, ResultCollector
 
 from batchllm.errors import ModelLoadError
 from batchllm.worker.engine import EngineConfig, EngineLoop, EngineRequest, EngineResult
 
-pytest_plugins = ["conftest_engine"]
+pytest_plugins = ["tests.conftest_engine"]  # engine/model fixtures, registered once per session
+ENGINE_MAX_MODEL_LEN = 1024  # what the engine_loop fixture starts with (checked in the first test)
 
 Run = Callable[..., dict[int, EngineResult]]
 
@@ -64,8 +65,7 @@ def test_chat_and_completion_generate_real_tokens(engine_loop: EngineLoop, engin
 
 
 @pytest.mark.slow
-def test_two_groups_back_to_back_both_complete(engine_loop: EngineLoop) -> None:
-    collector = ResultCollector()
+def test_two_groups_back_to_back_both_complete(engine_loop: EngineLoop, collector: Any) -> None:
     engine_loop.submit("a", [completion(10 + i, f"Count to {i}:") for i in range(4)], collector)
     engine_loop.submit("b", [chat(20 + i, f"Say the word {w}.") for i, w in enumerate(["red", "blue", "green"])], collector)
     engine_loop.submit("empty", [], collector)
@@ -82,8 +82,7 @@ def test_two_groups_back_to_back_both_complete(engine_loop: EngineLoop) -> None:
 
 
 @pytest.mark.slow
-def test_wait_below_lets_the_next_chunk_in_while_busy(engine_loop: EngineLoop) -> None:
-    collector = ResultCollector()
+def test_wait_below_lets_the_next_chunk_in_while_busy(engine_loop: EngineLoop, collector: Any) -> None:
     engine_loop.submit("w1", [completion(30 + i, "Once upon a time", max_tokens=32) for i in range(6)], collector)
     assert engine_loop.wait_below(3, timeout=120)
     assert engine_loop.pending() <= 3
@@ -110,7 +109,7 @@ def test_overlong_prompt_fails_alone(engine_run: Run) -> None:
 @pytest.mark.slow
 def test_max_tokens_is_capped_to_the_context(engine_run: Run) -> None:
     # About 1000 prompt tokens leave ~24 for the completion: max_tokens=500 is capped, not rejected.
-    prompt = "one two three four five six seven eight nine ten " * 90
+    prompt = "one two three four five six seven eight nine ten " * 100
     res = engine_run([completion(50, prompt, max_tokens=500, temperature=0)])
     r = res[50]
     assert r.ok, r
@@ -201,9 +200,8 @@ def test_callback_errors_and_step_failures_keep_the_loop_alive(
 
 
 @pytest.mark.slow
-def test_throughput_smoke(engine_loop: EngineLoop) -> None:
+def test_throughput_smoke(engine_loop: EngineLoop, collector: Any) -> None:
     """32 chat prompts x 32 tokens all finish; prints tokens/s for the record."""
-    collector = ResultCollector()
     reqs = [chat(1000 + i, f"Tell me a fact about the number {i}.", max_tokens=32) for i in range(32)]
     start = time.monotonic()
     engine_loop.submit("tp", reqs, collector)

@@ -14,7 +14,7 @@ from batchllm.errors import FatalError, InputError
 from batchllm.worker import gguf as g
 from batchllm.worker.engine import EngineLoop, EngineRequest
 
-pytest_plugins = ["conftest_engine"]
+pytest_plugins = ["tests.conftest_engine"]  # engine/model fixtures, registered once per session
 
 
 def write_tiny_gguf(path: Path, arch: str) -> Path:

@@ -32,6 +32,7 @@ def models(ctx: click.Context, as_json: bool) -> None:
         return
     from batchllm.catalog import load_catalog
     from batchllm.scheduler.fit import best_variant
+    from batchllm.scheduler.placement import fit_kwargs
 
     st = settings()
     cat = load_catalog(st)
@@ -40,7 +41,7 @@ def models(ctx: click.Context, as_json: bool) -> None:
     for spec in cat:
         hosts = []
         for name, cap, _loaded in live:
-            found = best_variant(spec, cap, gpu_memory_utilization=st.gpu_memory_utilization)
+            found = best_variant(spec, cap, **fit_kwargs(st))
             if found:
                 hosts.append(f"{name} ({found[0].name})")
         data.append({
@@ -106,6 +107,7 @@ def plan(file: str | None, model: str | None, as_json: bool) -> None:
     """Dry run: where each model would be placed, or why it can't be, with the estimate."""
     from batchllm.catalog import load_catalog
     from batchllm.scheduler.fit import estimate
+    from batchllm.scheduler.placement import fit_kwargs
 
     if not file and not model:
         raise click.UsageError("give a FILE or --model")
@@ -119,7 +121,7 @@ def plan(file: str | None, model: str | None, as_json: bool) -> None:
         rows = []
         for wname, cap, loaded in live:
             for variant in [pinned] if pinned else list(spec.variants):
-                est = estimate(spec, variant, cap, gpu_memory_utilization=st.gpu_memory_utilization)
+                est = estimate(spec, variant, cap, **fit_kwargs(st))
                 rows.append({"worker": wname, "variant": variant.name, "fits": est.fits, "estimate": est.table_row(),
                              "reason": est.reason, "loaded": loaded})
                 if est.fits:

@@ -120,8 +120,8 @@ def _run_flower(app: Any, argv: list[str], credential: str | None) -> None:
 @click.option(
     "--no-auth",
     is_flag=True,
-    help="Run without basic auth even though no BATCHLLM_FLOWER_PASSWORD is set (anyone who can reach the port "
-    "can revoke tasks and shut workers down).",
+    help="Allow starting without BATCHLLM_FLOWER_PASSWORD, i.e. with no authentication (anyone who can reach the "
+    "port can revoke tasks and shut workers down). A configured password is still enforced.",
 )
 def flower(port: int | None, address: str | None, url_prefix: str | None, no_auth: bool) -> None:
     """Start Flower (Celery monitoring UI) against BATCHLLM_BROKER_URL.
@@ -145,7 +145,8 @@ def flower(port: int | None, address: str | None, url_prefix: str | None, no_aut
     port = port or int(_setting("flower_port", DEFAULT_PORT))
     address = address or str(_setting("flower_address", DEFAULT_ADDRESS))
     auth = f"basic auth as {s.flower_user!r}" if credential else "NO authentication (--no-auth)"
-    click.echo(f"Flower on http://{address or '0.0.0.0'}:{port}/{(url_prefix or '').strip('/')} ({auth}); broker {mask_url(s.broker_url)}", err=True)
+    url = f"http://{address or '0.0.0.0'}:{port}/{(url_prefix or '').strip('/')}"
+    click.echo(f"Flower on {url} ({auth}); broker {mask_url(s.broker_url)}", err=True)
     if credential is None:
         click.echo("warning: Flower is running without authentication", err=True)
     _run_flower(app, flower_argv(port, address, url_prefix), credential)

@@ -132,13 +132,8 @@ class WorkerCapacity(BaseModel):
 
 
 def engine_gpus(spec: ModelSpec, available: int) -> int:
-    """GPUs the engine can split ``spec`` over: the most, up to ``available``, that its heads divide into.
-
-    vLLM needs attention heads divisible by the tensor-parallel size, and KV heads either divisible by
-    it or dividing it (then replicated): Falcon-7B's 71 heads run on one GPU of a two-GPU worker.
-    """
-    ok = [d for d in range(1, available + 1) if spec.heads % d == 0 and (spec.kv_heads % d == 0 or d % spec.kv_heads == 0)]
-    return max(ok, default=1)
+    """GPUs the engine can split ``spec`` over (see ``ModelSpec.engine_gpus``)."""
+    return spec.engine_gpus(available)
 
 
 class FitEstimate(BaseModel):

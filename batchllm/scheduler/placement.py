@@ -33,33 +33,43 @@ def identity_capacity(identity: Any) -> WorkerCapacity:
     return capacity_from(identity.kind, identity.devices, identity.advertised_bytes, identity.tensor_parallel)
 
 
+def fit_kwargs(settings: Settings) -> dict[str, Any]:
+    """The settings that change a fit estimate, as keyword arguments of ``fit.estimate``/``best_variant``."""
+    return {
+        "gpu_memory_utilization": settings.gpu_memory_utilization,
+        "max_model_len": settings.engine_max_model_len,
+        "cpu_kvcache_bytes": int(settings.cpu_kvcache_gb * 2**30),
+    }
+
+
 def ref_of(spec: ModelSpec, variant: Variant) -> str:
     """``name@variant``: the unit of placement and the queue key."""
     return f"{spec.name}@{variant.name}"
 
 
-def fits_ref(catalog: Catalog, ref: str, cap: WorkerCapacity, util: float = 0.9) -> FitEstimate:
+def fits_ref(settings: Settings, catalog: Catalog, ref: str, cap: WorkerCapacity) -> FitEstimate:
     """The fit estimate of a resolved ``name@variant`` on one worker."""
     spec, variant = catalog.resolve(ref)
     assert variant is not None, ref
-    return estimate(spec, variant, cap, gpu_memory_utilization=util)
+    return estimate(spec, variant, cap, **fit_kwargs(settings))
 
 
-def variant_for_worker(catalog: Catalog, model: str, cap: WorkerCapacity, util: float = 0.9) -> tuple[str, FitEstimate]:
+def variant_for_worker(settings: Settings, catalog: Catalog, model: str, cap: WorkerCapacity) -> tuple[str, FitEstimate]:
     """The variant a worker pinned with ``--model`` loads: the pinned one if it fits, else the best that fits.
 
     Raises:
         NoCapacity: nothing fits this worker; the message shows the numbers.
     """
+    kw = fit_kwargs(settings)
     spec, pinned = catalog.resolve(model)
     if pinned is not None:
-        est = estimate(spec, pinned, cap, gpu_memory_utilization=util)
+        est = estimate(spec, pinned, cap, **kw)
         if not est.fits:
             raise NoCapacity(f"{ref_of(spec, pinned)} does not fit this worker: {est.reason}")
         return ref_of(spec, pinned), est
-    found = best_variant(spec, cap, gpu_memory_utilization=util)
+    found = best_variant(spec, cap, **kw)
     if found is None:
-        raise NoCapacity(explain(spec, [cap]))
+        raise NoCapacity(explain(spec, [cap], settings.gpu_memory_utilization))
     variant, est = found
     return ref_of(spec, variant), est
 
@@ -76,14 +86,15 @@ def resolve_refs(settings: Settings, catalog: Catalog, names: list[str], queue_a
         cutoff = time.time() - KNOWN_WORKER_WINDOW_S
         known = [w for w in worker_rows.all_workers(s) if w.last_heartbeat >= cutoff]
     util = settings.gpu_memory_utilization
+    kw = fit_kwargs(settings)
     out: dict[str, str] = {}
     for name in names:
         spec, pinned = catalog.resolve(name)
         if pinned is not None:
             out[name] = ref_of(spec, pinned)
             caps = [row_capacity(w) for w in known]
-            if caps and not queue_anyway and not any(estimate(spec, pinned, c, gpu_memory_utilization=util).fits for c in caps):
-                raise NoCapacity(f"{explain(spec, caps)} (for variant {pinned.name}); add --queue-anyway to queue it regardless")
+            if caps and not queue_anyway and not any(estimate(spec, pinned, c, **kw).fits for c in caps):
+                raise NoCapacity(f"{explain(spec, caps, util, variant=pinned)} (for variant {pinned.name}); add --queue-anyway to queue it regardless")
             continue
         loaded = sorted({w.model for w in live if w.model and w.model.split("@", 1)[0] == spec.name})
         if loaded:
@@ -91,15 +102,15 @@ def resolve_refs(settings: Settings, catalog: Catalog, names: list[str], queue_a
             continue
         chosen = None
         for variant in spec.variants:  # highest precision first
-            if any(estimate(spec, variant, row_capacity(w), gpu_memory_utilization=util).fits for w in live):
+            if any(estimate(spec, variant, row_capacity(w), **kw).fits for w in live):
                 chosen = variant
                 break
         if chosen is None:
             caps = [row_capacity(w) for w in known]
-            if caps and not queue_anyway and not any(best_variant(spec, c, gpu_memory_utilization=util) for c in caps):
-                raise NoCapacity(f"{explain(spec, caps)}; add --queue-anyway to queue it regardless")
+            if caps and not queue_anyway and not any(best_variant(spec, c, **kw) for c in caps):
+                raise NoCapacity(f"{explain(spec, caps, util)}; add --queue-anyway to queue it regardless")
             for w in known:  # a known (maybe stopped) worker that could host it decides the variant
-                found = best_variant(spec, row_capacity(w), gpu_memory_utilization=util)
+                found = best_variant(spec, row_capacity(w), **kw)
                 if found:
                     chosen = found[0]
                     break

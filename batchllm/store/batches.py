@@ -108,6 +108,46 @@ def _fill_missing(session: Session, batch_id: str, code: str, message: str) -> i
     return len(rows)
 
 
+def fail_chunks(session: Session, ref: str, code: str, message: str, status_code: int = 503) -> list[str]:
+    """Fail the queued chunks of ``ref`` (a model nobody can load): every request without a result gets an error.
+
+    Used by the scheduler when the only workers that could host ``ref`` failed to load it, so the batch
+    ends with a clear message instead of waiting forever. Leased chunks are left to their worker.
+
+    Returns:
+        The ids of the batches touched (the caller runs ``maybe_finalize`` on each).
+    """
+    chunk_ids = list(session.scalars(select(Chunk.id).where(Chunk.model == ref, Chunk.status == ChunkStatus.QUEUED)))
+    now = time.time()
+    batch_ids: set[str] = set()
+    for i in range(0, len(chunk_ids), 500):  # bounded IN lists
+        # Flip the chunks first: only those still queued (not claimed meanwhile) get error results.
+        done = session.execute(
+            update(Chunk)
+            .where(Chunk.id.in_(chunk_ids[i : i + 500]), Chunk.status == ChunkStatus.QUEUED)
+            .values(status=ChunkStatus.DONE, finished_at=now, lease_expires_at=None)
+            .returning(Chunk.id, Chunk.batch_id)
+            .execution_options(synchronize_session=False)
+        ).all()
+        if not done:
+            continue
+        batch_ids.update(bid for _, bid in done)
+        missing = (
+            select(Request.id, Request.batch_id, Request.model)
+            .outerjoin(Result, Result.request_id == Request.id)
+            .where(Request.chunk_id.in_([cid for cid, _ in done]), Request.error_code.is_(None), Result.request_id.is_(None))
+        )
+        rows = [
+            {"request_id": rid, "batch_id": bid, "ok": False, "status_code": status_code, "error_code": code,
+             "error_message": message, "model": model, "created_at": now, "prompt_tokens": 0, "completion_tokens": 0,
+             "attempt": 0}
+            for rid, bid, model in session.execute(missing)
+        ]
+        if rows:
+            session.execute(insert(Result), rows)
+    return sorted(batch_ids)
+
+
 def cancel(session: Session, batch_id: str) -> str:
     """Stop dispatch at once: queued chunks are cancelled; leased ones finish what is in the engine."""
     batch = get_batch(session, batch_id)

@@ -58,7 +58,7 @@ def build_engine(settings: Settings, model_ref: str, kind: str, tp: int):  # typ
         device="cpu" if cpu else "cuda",
         dtype=(variant.dtype if variant else "bfloat16") or "bfloat16",
         max_model_len=max_len,
-        tensor_parallel_size=max(1, tp),
+        tensor_parallel_size=spec.engine_gpus(tp) if not cpu else 1,
         gpu_memory_utilization=settings.gpu_memory_utilization,
         enforce_eager=cpu if settings.enforce_eager is None else settings.enforce_eager,
         quantization=variant.quantization if variant else None,

@@ -17,7 +17,11 @@ from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, Stric
 CHAT_URL = "/v1/chat/completions"
 COMPLETIONS_URL = "/v1/completions"
 ROLES = ("system", "user", "assistant", "developer", "tool")
-SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty", "top_k")
+# OpenAI's sampling names plus the vLLM extensions that `vllm run-batch` files use (top_k, min_p, repetition_penalty).
+SAMPLING_FIELDS = (
+    "max_tokens", "temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty", "top_k", "min_p",
+    "repetition_penalty",
+)
 MAX_TOKENS_LIMIT = 1_000_000
 BODY_UNSUPPORTED = ("tools", "functions", "tool_choice", "function_call")
 
@@ -61,6 +65,8 @@ class Sampling(BaseModel):
     presence_penalty: StrictFloat | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: StrictFloat | None = Field(default=None, ge=-2, le=2)
     n: StrictInt | None = Field(default=None, ge=1, le=1)
+    min_p: StrictFloat | None = Field(default=None, ge=0, le=1)
+    repetition_penalty: StrictFloat | None = Field(default=None, gt=0, le=10)
 
     @field_validator("stop")
     @classmethod
@@ -157,6 +163,7 @@ _UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 
 
 def _line_error(line_no: int, code: str, message: str) -> InputLine:
+    """An ``InputLine`` for a line that could not be read as text (its id is ``line-<n>``)."""
     return InputLine(line_no=line_no, error=LineError(line_no=line_no, custom_id=f"line-{line_no}", code=code, message=message))
 
 
@@ -225,22 +232,32 @@ _TYPE_WORDS = {
 }
 
 
+def _printable(value: Any) -> str:
+    """JSON-escaped text with any remaining unprintable character (bidi overrides, line separators) escaped too."""
+    escaped = json.dumps(value, ensure_ascii=False, default=str)
+    if escaped.isprintable():
+        return escaped
+    return "".join(c if c.isprintable() else f"\\u{ord(c):04x}" if ord(c) <= 0xFFFF else f"\\U{ord(c):08x}" for c in escaped)
+
+
 def _show(value: str, limit: int = 60) -> str:
     """Quote user text for a one-line message: escaped (no raw newlines or control chars) and shortened."""
-    inner = json.dumps(value, ensure_ascii=False)[1:-1]
+    inner = _printable(value)[1:-1]
     return f"'{inner[:limit]}…'" if len(inner) > limit else f"'{inner}'"
 
 
 def _got(value: Any) -> str:
+    """`` (got ...)`` for a message: the value itself when short, else its JSON type."""
     if isinstance(value, dict):
         return " (got an object)"
     if isinstance(value, list):
         return " (got a list)"
-    shown = json.dumps(value, ensure_ascii=False, default=str)
+    shown = _printable(value)
     return f" (got {shown[:60]}…)" if len(shown) > 60 else f" (got {shown})"
 
 
 def _clean_loc(loc: tuple[int | str, ...]) -> str:
+    """A pydantic error location as a dotted field path (``messages.0.content``)."""
     # Union members add tags such as 'str', 'list[str]' or 'constrained-str' to the location; drop them.
     parts = [
         str(p) for p in loc if isinstance(p, int) or not ("[" in p or "-" in p or p in ("str", "int", "float", "bool", "none"))
@@ -249,6 +266,7 @@ def _clean_loc(loc: tuple[int | str, ...]) -> str:
 
 
 def _pydantic_msg(e: ValidationError, prefix: str = "") -> str:
+    """The first problem of a validation error as one line: ``field.path: what is wrong (got value)``."""
     errors = e.errors(include_url=False)
     loc = _clean_loc(errors[0]["loc"])
     same = [err for err in errors if _clean_loc(err["loc"]) == loc]
@@ -277,11 +295,13 @@ def _pydantic_msg(e: ValidationError, prefix: str = "") -> str:
 
 
 def _suggest(field: str, known: tuple[str, ...]) -> str:
+    """`` (did you mean 'x'?)`` when a known field name is close to ``field``."""
     close = difflib.get_close_matches(field, known, n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def _json_msg(e: json.JSONDecodeError, text: str) -> str:
+    """A JSON syntax error as one line with its column and, where it helps, the likely cause."""
     if e.msg.startswith("Invalid control character"):
         char = ord(text[e.pos]) if e.pos < len(text) else 0
         return (
@@ -297,6 +317,7 @@ def _json_msg(e: json.JSONDecodeError, text: str) -> str:
 
 
 def _kind(value: Any) -> str:
+    """The JSON type of a value, in words."""
     if isinstance(value, list):
         return "an array"
     if isinstance(value, str):
@@ -349,6 +370,7 @@ MAX_MODEL_NAME = 200  # the store's column width
 
 
 def _is_default(key: str, value: Any) -> bool:
+    """True when an unsupported OpenAI parameter holds a value that asks for nothing (null, false, empty)."""
     if value is None or value is False or value == [] or value == {}:
         return True
     return (key == "best_of" and value == 1) or (key == "response_format" and value == {"type": "text"})

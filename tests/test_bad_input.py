@@ -283,6 +283,12 @@ def test_empty_and_blank_only_are_in_the_corpus() -> None:
 
 
 def _first_bad_line(name: str, data: bytes) -> int | None:
+    """The line ``--strict`` must name: the first bad line per the manifest (None: the file is clean).
+
+    Args:
+        name: the corpus file.
+        data: its bytes.
+    """
     entry = FILES[name]
     expected = expected_errors(entry)
     if expected is None:

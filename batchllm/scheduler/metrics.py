@@ -184,13 +184,15 @@ class _SnapshotCollector(Collector):
         yield g
         yield _family(GaugeMetricFamily, "batchllm_worker_heartbeat_age_seconds", "Seconds since each worker's heartbeat.",
                       "worker", snap.heartbeat_age)
-        g = GaugeMetricFamily("batchllm_worker_info", "Each worker's model and state (value 1).", labels=["worker", "model", "state"])
+        g = GaugeMetricFamily("batchllm_worker_info", "Each worker's model and state (value 1).",
+                              labels=["worker", "model", "state"])
         for name, (model, state) in sorted(snap.worker_info.items()):
             g.add_metric([name, model, state], 1)
         yield g
-        yield GaugeMetricFamily("batchllm_scheduler_tick_seconds", "Duration of the last scheduler tick.", value=snap.tick_seconds)
-        yield GaugeMetricFamily("batchllm_scheduler_last_tick_timestamp_seconds", "When the last tick ended.", value=snap.last_tick)
-        yield CounterMetricFamily("batchllm_scheduler_tick_errors", "Ticks steps that met an outage.", value=snap.tick_errors)
+        yield GaugeMetricFamily("batchllm_scheduler_tick_seconds", "Duration of the last tick.", value=snap.tick_seconds)
+        yield GaugeMetricFamily("batchllm_scheduler_last_tick_timestamp_seconds", "When the last tick ended.",
+                                value=snap.last_tick)
+        yield CounterMetricFamily("batchllm_scheduler_tick_errors", "Tick steps that failed (outages).", value=snap.tick_errors)
 
 
 def _family(cls: Any, name: str, doc: str, label: str, values: dict[str, Any]) -> Any:

@@ -220,9 +220,10 @@ def export_finished(settings: Settings) -> int:
     if done:
         with session_scope(settings.database_url) as s:
             for name, ids in done.items():
-                row = s.get(Schedule, name, with_for_update=True)
-                if row is not None:
-                    row.pending_batches = [e for e in row.pending_batches or [] if not (isinstance(e, dict) and e.get("batch_id") in ids)]
+                sched = s.get(Schedule, name, with_for_update=True)
+                if sched is not None:
+                    keep = [e for e in sched.pending_batches or [] if not (isinstance(e, dict) and e.get("batch_id") in ids)]
+                    sched.pending_batches = keep
     return written
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import sys
 import time
@@ -174,7 +175,8 @@ def submit_file(
                 parsed = item.error if item.error else parse_line(item.line_no, item.text or "", model, check)
                 if isinstance(parsed, ParsedRequest) and parsed.custom_id in seen:
                     parsed = LineError(line_no=parsed.line_no, custom_id=parsed.custom_id, code="duplicate_custom_id",
-                                       message=f"custom_id '{parsed.custom_id}' is used by an earlier line; ids must be unique in a batch")
+                                       message=f"custom_id {json.dumps(parsed.custom_id, ensure_ascii=False)[:80]} is used by an earlier line; "
+                                       "ids must be unique in a batch")
                 result.total += 1
                 if isinstance(parsed, LineError):
                     result.invalid += 1

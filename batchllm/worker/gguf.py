@@ -320,6 +320,9 @@ def ensure_model_dir(name: str, out_root: Path) -> Path:
     with _file_lock(out_root / f".{name}.lock"):
         if (target / MARKER_FILE).is_file():  # another process finished while we waited
             return target
+        # Holding the lock, any temp dir of this name is debris from a killed (SIGKILL) conversion.
+        for debris in [*out_root.glob(f".{name}.tmp-*"), *out_root.glob(f".{name}.old-*")]:
+            shutil.rmtree(debris, ignore_errors=True)
         convert_gguf(PULLABLE[name](), target, overwrite=True)
     return target
 

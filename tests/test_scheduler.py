@@ -155,6 +155,31 @@ def test_small_model_prefers_the_smallest_worker(st: Settings, tmp_path: Path) -
     assert assignments(st) == {"w16": SMALL, "w24": BIG}
 
 
+def test_shared_model_gives_up_a_worker_for_a_model_with_none(st: Settings, tmp_path: Path) -> None:
+    worker(st, "w24", 24_564)
+    worker(st, "w16", 16_384)
+    batch(st, tmp_path, "small-smol", 8)  # four chunks: both idle workers are put on it
+    assert sorted(Scheduler(st, None).tick()["assigned"]) == [["w16", SMALL], ["w24", SMALL]]
+    worker(st, "w24", 24_564, model=SMALL, state="busy")
+    worker(st, "w16", 16_384, model=SMALL, state="busy")
+    batch(st, tmp_path, "big-smol", 2)
+    out = Scheduler(st, None).tick()  # the small model keeps w16; only w24 can host the big one
+    assert out["moved"] == [["w24", BIG]] and assignments(st) == {"w16": SMALL, "w24": BIG}
+    assert Scheduler(st, None).tick()["moved"] == []  # and it stays so: no thrashing
+
+
+def test_run_forever_ticks_until_stopped(st: Settings) -> None:
+    import threading
+
+    sched = Scheduler(st.model_copy(update={"scheduler_interval": 0.05}), None)
+    thread = threading.Thread(target=sched.run_forever, daemon=True)
+    thread.start()
+    time.sleep(0.5)
+    sched.stop()
+    thread.join(5)
+    assert not thread.is_alive() and sched.metrics.snapshot.last_tick > 0
+
+
 def test_demand_priority_and_keeping_a_loaded_model(st: Settings, tmp_path: Path) -> None:
     worker(st, "w24", 24_564)
     batch(st, tmp_path, "small-smol", 20)
@@ -265,6 +290,52 @@ def test_outages_are_survived(st: Settings, tmp_path: Path) -> None:
     assert time.monotonic() - t0 < 10
 
 
+def test_redis_restart_mid_batch_loses_nothing(st: Settings, tmp_path: Path) -> None:
+    """A private Redis (no persistence) is stopped and started again: the tick survives, then re-sends."""
+    import shutil
+    import socket
+    import subprocess
+
+    server = shutil.which("redis-server")
+    if server is None:
+        pytest.skip("redis-server is not installed")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+
+    def start() -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen([server, "--port", str(port), "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(100):
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    return proc
+            time.sleep(0.05)
+        raise AssertionError("private redis-server did not start")
+
+    private = st.model_copy(update={"broker_url": f"redis://127.0.0.1:{port}/0"})
+    app = make_celery(private)
+    sched, q = Scheduler(private, app), queue_name(SMALL)
+    proc = start()
+    try:
+        batch(private, tmp_path, "small-smol", 4)
+        assert sched.tick()["dispatched"] == 2 and queue_depths(app, [q])[q] == 2
+        proc.terminate()
+        proc.wait(10)
+        batch(private, tmp_path, "small-smol", 2)
+        out = sched.tick()
+        assert out["errors"] and out["errors"][0].startswith("dispatch: cannot reach Redis") and "finalized" in out
+        proc = start()  # back, empty: the first two messages are gone
+        with session_scope(st.database_url) as s:
+            s.execute(update(Chunk).where(Chunk.dispatched_at.is_not(None)).values(dispatched_at=time.time() - 120))
+        out = sched.tick()
+        assert not out["errors"] and (out["dispatched"], out["resent"]) == (1, 2)
+        assert queue_depths(app, [q])[q] == 3
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
 # ---------------------------------------------------------------------------------------------- lifecycle
 def test_finalize_and_expire(st: Settings, tmp_path: Path) -> None:
     done_id = batch(st, tmp_path, "small-smol", 3)
@@ -372,7 +443,8 @@ def test_metrics_endpoint(st: Settings, tmp_path: Path, app: Any) -> None:
     assert values[f'batchllm_requests_total{{model="{SMALL}",outcome="completed"}}'] == 2
     assert values['batchllm_worker_generated_tokens_total{worker="w16"}'] == 500
     assert 40 < values['batchllm_worker_tokens_per_second{worker="w16"}'] <= 50
-    assert values[f'batchllm_model_tokens_per_second{{model="{SMALL}"}}'] == values['batchllm_worker_tokens_per_second{worker="w16"}']
+    per_worker = values['batchllm_worker_tokens_per_second{worker="w16"}']
+    assert values[f'batchllm_model_tokens_per_second{{model="{SMALL}"}}'] == per_worker
     assert values[f'batchllm_queue_depth{{model="{SMALL}"}}'] == 2
 
 
@@ -397,9 +469,12 @@ def test_redis_serves_priority_9_before_earlier_priority_0(app: Any) -> None:
                 while len(got) < 6:
                     got.append(_consume(app, q))
             else:
+                def on_message(body: Any, m: Any, got: list[str] = got) -> None:
+                    got.append(body[1]["chunk_id"])
+                    m.ack()
+
                 queue = Queue(q, routing_key=q, channel=conn.default_channel)
-                with Consumer(conn, [queue], accept=["json"], prefetch_count=1,
-                              callbacks=[lambda body, m: (got.append(body[1]["chunk_id"]), m.ack())]):
+                with Consumer(conn, [queue], accept=["json"], prefetch_count=1, callbacks=[on_message]):
                     while len(got) < 6:
                         conn.drain_events(timeout=5)
         assert got == ["p9", "p5", "p0-0", "p0-1", "p0-2", "p0-3"], consume

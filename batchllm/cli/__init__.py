@@ -33,7 +33,10 @@ class BatchLLMGroup(click.Group):
         except Exception as e:  # an unexpected bug: still one line, full trace only with -v
             if logging.getLogger().isEnabledFor(logging.DEBUG):
                 raise
-            click.echo(f"error: {type(e).__name__}: {mask_url(str(e)).splitlines()[0] if str(e) else ''} (rerun with -v for details)", err=True)
+            click.echo(
+                f"error: {type(e).__name__}: {mask_url(str(e)).splitlines()[0] if str(e) else ''} (rerun with -v for details)",
+                err=True,
+            )
             ctx.exit(1)
 
 

@@ -28,8 +28,9 @@ def _wait_with_bar(batch_id: str, quiet: bool) -> dict[str, Any]:
 
         def update(v: dict[str, Any]) -> None:
             c = v["request_counts"]
-            bar.update(task, total=c["total"], completed=c["completed"] + c["failed"],
-                       detail=f"{v['status']} · {c['failed']} failed")
+            bar.update(
+                task, total=c["total"], completed=c["completed"] + c["failed"], detail=f"{v['status']} · {c['failed']} failed"
+            )
 
         return wait(settings(), batch_id, update)
 
@@ -47,9 +48,20 @@ def _wait_with_bar(batch_id: str, quiet: bool) -> dict[str, Any]:
 @click.option("-o", "--output", help="With --wait: write the results here.")
 @click.option("--errors", help="With --wait: write error lines here (default: into the output).")
 @json_option
-def submit(file: str, model: str | None, name: str | None, priority: int, strict: bool, idempotency_key: str | None,
-           completion_window: str | None, queue_anyway: bool, wait_: bool, output: str | None, errors: str | None,
-           as_json: bool) -> None:
+def submit(
+    file: str,
+    model: str | None,
+    name: str | None,
+    priority: int,
+    strict: bool,
+    idempotency_key: str | None,
+    completion_window: str | None,
+    queue_anyway: bool,
+    wait_: bool,
+    output: str | None,
+    errors: str | None,
+    as_json: bool,
+) -> None:
     """Submit a JSONL FILE (or - for stdin) of requests; prints the batch id."""
     from batchllm.queue import check_broker, producer
     from batchllm.services.status import batch_view, raise_for_outcome
@@ -62,15 +74,27 @@ def submit(file: str, model: str | None, name: str | None, priority: int, strict
     check_database(st.database_url)
     app = producer(st)
     check_broker(app)
-    res = submit_file(st, file, app=app, model=model, name=name, priority=priority, strict=strict,
-                      idempotency_key=idempotency_key, queue_anyway=queue_anyway, completion_window=completion_window)
+    res = submit_file(
+        st,
+        file,
+        app=app,
+        model=model,
+        name=name,
+        priority=priority,
+        strict=strict,
+        idempotency_key=idempotency_key,
+        queue_anyway=queue_anyway,
+        completion_window=completion_window,
+    )
     if not as_json:
         if res.existing:
             err_console.print(f"idempotency key matches existing batch {res.batch_id}; nothing new stored")
         else:
             models = ", ".join(f"{k} → {v}" for k, v in res.models.items()) or "none"
-            err_console.print(f"{res.total} requests ({res.invalid} invalid, {res.blank} blank lines skipped), "
-                              f"{res.chunks} chunks; models: {models}")
+            err_console.print(
+                f"{res.total} requests ({res.invalid} invalid, {res.blank} blank lines skipped), "
+                f"{res.chunks} chunks; models: {models}"
+            )
             for e in res.errors[:5]:
                 err_console.print(f"  {file}:{e.line_no}: {e.message}", markup=False, highlight=False)
             if res.invalid > 5:
@@ -78,8 +102,17 @@ def submit(file: str, model: str | None, name: str | None, priority: int, strict
         click.echo(res.batch_id)
     if not wait_:
         if as_json:
-            print_json({"batch_id": res.batch_id, "existing": res.existing, "total": res.total, "invalid": res.invalid,
-                        "blank_lines": res.blank, "chunks": res.chunks, "models": res.models})
+            print_json(
+                {
+                    "batch_id": res.batch_id,
+                    "existing": res.existing,
+                    "total": res.total,
+                    "invalid": res.invalid,
+                    "blank_lines": res.blank,
+                    "chunks": res.chunks,
+                    "models": res.models,
+                }
+            )
         return
     final = _wait_with_bar(res.batch_id, as_json)
     if output or errors:
@@ -126,8 +159,16 @@ def _show(views: list[dict[str, Any]], as_json: bool) -> None:
         done = c["completed"] + c["failed"]
         pct = 100.0 * done / c["total"] if c["total"] else 100.0
         filled = int(pct / 5)
-        t.add_row(v["id"], v["status"], f"{'█' * filled}{'░' * (20 - filled)} {pct:5.1f}%", str(c["completed"]),
-                  str(c["failed"]), str(c["total"]), ", ".join(sorted(set((v["models"] or {}).values()))), v["name"] or "")
+        t.add_row(
+            v["id"],
+            v["status"],
+            f"{'█' * filled}{'░' * (20 - filled)} {pct:5.1f}%",
+            str(c["completed"]),
+            str(c["failed"]),
+            str(c["total"]),
+            ", ".join(sorted(set((v["models"] or {}).values()))),
+            v["name"] or "",
+        )
     from rich.console import Console
 
     Console().print(t)
@@ -142,8 +183,11 @@ def results(batch_id: str, output: str | None, errors: str | None, meta: bool) -
     """Write a batch's results as OpenAI Batch JSONL, in input order."""
     counts = _write_results(batch_id, output, errors, meta)
     if output and output != "-":
-        err_console.print(f"{counts.outputs} results, {counts.errors} errors"
-                          + (f", {counts.pending} still pending" if counts.pending else "") + f" → {output}")
+        err_console.print(
+            f"{counts.outputs} results, {counts.errors} errors"
+            + (f", {counts.pending} still pending" if counts.pending else "")
+            + f" → {output}"
+        )
     elif counts.pending:
         err_console.print(f"{counts.pending} requests still pending")
 

@@ -17,7 +17,8 @@ def db() -> None:
 @click.option("--revision", default="head", show_default=True)
 def upgrade(revision: str) -> None:
     """Create or migrate the schema to REVISION."""
-    from batchllm.store.db import current, upgrade as run_upgrade
+    from batchllm.store.db import current
+    from batchllm.store.db import upgrade as run_upgrade
 
     url = settings().database_url
     run_upgrade(url, revision)

@@ -37,19 +37,32 @@ def models(ctx: click.Context, as_json: bool) -> None:
     st = settings()
     cat = load_catalog(st)
     live = _live_capacities()
-    data = []
+    data: list[dict[str, Any]] = []
     for spec in cat:
         hosts = []
         for name, cap, _loaded in live:
             found = best_variant(spec, cap, **fit_kwargs(st))
             if found:
                 hosts.append(f"{name} ({found[0].name})")
-        data.append({
-            "name": spec.name, "params_b": spec.params_b, "max_model_len": spec.max_model_len, "source": spec.source,
-            "variants": [{"name": v.name, "floor_gb": v.floor_gb, "tensor_parallel": v.tensor_parallel,
-                          "quantization": v.quantization, "note": v.note} for v in spec.variants],
-            "hostable_by": hosts,
-        })
+        data.append(
+            {
+                "name": spec.name,
+                "params_b": spec.params_b,
+                "max_model_len": spec.max_model_len,
+                "source": spec.source,
+                "variants": [
+                    {
+                        "name": v.name,
+                        "floor_gb": v.floor_gb,
+                        "tensor_parallel": v.tensor_parallel,
+                        "quantization": v.quantization,
+                        "note": v.note,
+                    }
+                    for v in spec.variants
+                ],
+                "hostable_by": hosts,
+            }
+        )
     if as_json:
         print_json(data)
         return
@@ -58,9 +71,13 @@ def models(ctx: click.Context, as_json: bool) -> None:
 
     t = Table("model", "params", "variants (floor)", "live workers that can host it")
     for m in data:
-        variants = ", ".join(f"{v['name']} ≥{v['floor_gb']:g} GB" + (f" ×{v['tensor_parallel']} GPUs" if v["tensor_parallel"] > 1 else "")
-                             for v in m["variants"])
-        t.add_row(m["name"], f"{m['params_b']:g} B", variants, ", ".join(m["hostable_by"]) or ("-" if live else "(no live workers)"))
+        variants = ", ".join(
+            f"{v['name']} ≥{v['floor_gb']:g} GB" + (f" ×{v['tensor_parallel']} GPUs" if v["tensor_parallel"] > 1 else "")
+            for v in m["variants"]
+        )
+        t.add_row(
+            m["name"], f"{m['params_b']:g} B", variants, ", ".join(m["hostable_by"]) or ("-" if live else "(no live workers)")
+        )
     Console().print(t)
 
 
@@ -96,7 +113,9 @@ def import_gguf(path: Path, name: str) -> None:
         converted = convert_gguf(path, out_dir)
     spec = spec_from_dir(converted.out_dir).model_copy(update={"name": name})
     where = register_model(st, spec)
-    click.echo(f"{name}: {converted.out_dir} ({converted.size_bytes / 1e6:.0f} MB, {converted.architecture}); registered in {where}")
+    click.echo(
+        f"{name}: {converted.out_dir} ({converted.size_bytes / 1e6:.0f} MB, {converted.architecture}); registered in {where}"
+    )
 
 
 @click.command()
@@ -122,8 +141,16 @@ def plan(file: str | None, model: str | None, as_json: bool) -> None:
         for wname, cap, loaded in live:
             for variant in [pinned] if pinned else list(spec.variants):
                 est = estimate(spec, variant, cap, **fit_kwargs(st))
-                rows.append({"worker": wname, "variant": variant.name, "fits": est.fits, "estimate": est.table_row(),
-                             "reason": est.reason, "loaded": loaded})
+                rows.append(
+                    {
+                        "worker": wname,
+                        "variant": variant.name,
+                        "fits": est.fits,
+                        "estimate": est.table_row(),
+                        "reason": est.reason,
+                        "loaded": loaded,
+                    }
+                )
                 if est.fits:
                     break
         placed = [r for r in rows if r["fits"]]

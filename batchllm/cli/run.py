@@ -19,16 +19,17 @@ from batchllm.cli.common import err_console, json_option, print_json, progress, 
 @click.option("--db", help="SQLite file (or database URL) to keep the batch in; default under the data dir.")
 @click.option("--idempotency-key", help="Resume key (default: the file's content hash plus model).")
 @json_option
-def run(file: str, output: str | None, errors: str | None, model: str, db: str | None, idempotency_key: str | None,
-        as_json: bool) -> None:
+def run(
+    file: str, output: str | None, errors: str | None, model: str, db: str | None, idempotency_key: str | None, as_json: bool
+) -> None:
     """Run FILE to completion on this machine: SQLite + in-process queue + local GPU (or CPU).
 
     Interrupt it and run the same command again: finished requests are not recomputed.
     """
+    from batchllm.cli.common import open_out
     from batchllm.services.embedded import embedded_settings, run_file
     from batchllm.services.export import export
     from batchllm.services.status import raise_for_outcome
-    from batchllm.cli.common import open_out
 
     st = embedded_settings(settings(), db)
     with progress() as bar:
@@ -39,8 +40,13 @@ def run(file: str, output: str | None, errors: str | None, model: str, db: str |
 
         def update(v: dict[str, Any]) -> None:
             c = v["request_counts"]
-            bar.update(task, total=c["total"], completed=c["completed"] + c["failed"], description=v["id"],
-                       detail=f"{c['failed']} failed")
+            bar.update(
+                task,
+                total=c["total"],
+                completed=c["completed"] + c["failed"],
+                description=v["id"],
+                detail=f"{c['failed']} failed",
+            )
 
         outcome = run_file(st, file, model=model, idempotency_key=idempotency_key, on_update=update, on_stage=stage)
     with open_out(output) as fo, open_out(errors) as fe:
@@ -69,7 +75,11 @@ def _preview(path: str, n: int = 3) -> None:
                 rec = json.loads(line)
                 body = (rec.get("response") or {}).get("body") or {}
                 choice = (body.get("choices") or [{}])[0]
-                text = (choice.get("message") or {}).get("content") or choice.get("text") or (rec.get("error") or {}).get("message", "")
+                text = (
+                    (choice.get("message") or {}).get("content")
+                    or choice.get("text")
+                    or (rec.get("error") or {}).get("message", "")
+                )
                 err_console.print(f"  [bold]{rec['custom_id']}[/bold]: {' '.join(str(text).split())[:160]}", highlight=False)
     except (OSError, ValueError):
         pass

@@ -13,8 +13,11 @@ from batchllm.cli.common import json_option, print_json, settings
 
 @click.command()
 @click.option("--interval", type=click.FloatRange(min=0.1), help="Seconds between ticks (default: BATCHLLM_SCHEDULER_INTERVAL).")
-@click.option("--metrics-port", type=click.IntRange(0, 65535), help="Prometheus /metrics port; 0 turns it off "
-              "(default: BATCHLLM_METRICS_PORT).")
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    help="Prometheus /metrics port; 0 turns it off (default: BATCHLLM_METRICS_PORT).",
+)
 @click.option("--once", is_flag=True, help="Run one tick, print what it did as JSON, and exit.")
 def scheduler(interval: float | None, metrics_port: int | None, once: bool) -> None:
     """Start the scheduler: assigns models to idle workers by demand, re-dispatches the work of lost
@@ -54,8 +57,13 @@ def schedule() -> None:
 @click.option("--cron", required=True, help='Five-field cron expression in local time, e.g. "0 2 * * *" (02:00 daily).')
 @click.option("--input", "input_glob", required=True, help="Glob of JSONL files to submit, e.g. '/data/in/*.jsonl'.")
 @click.option("--model", "-m", required=True, help="Model for lines that name none.")
-@click.option("--output", "output_dir", required=True, type=click.Path(file_okay=False),
-              help="Directory for NAME-DATE.jsonl and NAME-DATE.errors.jsonl.")
+@click.option(
+    "--output",
+    "output_dir",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Directory for NAME-DATE.jsonl and NAME-DATE.errors.jsonl.",
+)
 @json_option
 def schedule_add(name: str, cron: str, input_glob: str, model: str, output_dir: str, as_json: bool) -> None:
     """Add a schedule NAME."""
@@ -69,8 +77,10 @@ def schedule_add(name: str, cron: str, input_glob: str, model: str, output_dir: 
     if as_json:
         print_json(row)
         return
-    click.echo(f"schedule {row['name']}: {row['cron']} → {row['input']} with {row['model']} into {row['output_dir']}; "
-               f"next run {_when(row['next_fire_at'])}")
+    click.echo(
+        f"schedule {row['name']}: {row['cron']} → {row['input']} with {row['model']} into {row['output_dir']}; "
+        f"next run {_when(row['next_fire_at'])}"
+    )
 
 
 @schedule.command("list")
@@ -94,8 +104,16 @@ def schedule_list(as_json: bool) -> None:
 
     t = Table("name", "cron", "input", "model", "output", "last run", "next run", "pending")
     for r in rows:
-        t.add_row(r["name"], r["cron"], r["input"], r["model"], r["output_dir"], _when(r["last_fired_at"]),
-                  _when(r["next_fire_at"]), ", ".join(r["pending_batches"]) or "-")
+        t.add_row(
+            r["name"],
+            r["cron"],
+            r["input"],
+            r["model"],
+            r["output_dir"],
+            _when(r["last_fired_at"]),
+            _when(r["next_fire_at"]),
+            ", ".join(r["pending_batches"]) or "-",
+        )
     Console().print(t)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import click
 
@@ -23,8 +24,11 @@ def _parse_gpus(gpus: str | None) -> list[int] | None:
 @click.option("--gpus", help="GPU indices this worker uses together (tensor parallel), e.g. 0 or 0,1. Default: all.")
 @click.option("--model", "-m", help="Pin a model (name or name@variant); without it the scheduler assigns one.")
 @click.option("--cpu", is_flag=True, help="Run on the CPU (vLLM CPU backend) even if a GPU is present.")
-@click.option("--advertise-vram", help="Cap the memory this worker advertises, e.g. 16GB (a shared GPU, or a CPU "
-              "standing in for a GPU of that size in placement tests).")
+@click.option(
+    "--advertise-vram",
+    help="Cap the memory this worker advertises, e.g. 16GB (a shared GPU, or a CPU "
+    "standing in for a GPU of that size in placement tests).",
+)
 @click.option("--name", help="Worker name (default says what it is, e.g. gpu0-a10g-24gb@host).")
 @click.option("--loglevel", default="INFO", show_default=True)
 def worker(gpus: str | None, model: str | None, cpu: bool, advertise_vram: str | None, name: str | None, loglevel: str) -> None:
@@ -79,14 +83,23 @@ def workers(show_all: bool, as_json: bool) -> None:
     now = time.time()
     with session_scope(st.database_url) as s:
         found = rows.all_workers(s) if show_all else rows.live_workers(s, st.heartbeat_timeout * 10)
-        data = [
+        data: list[dict[str, Any]] = [
             {
-                "name": w.name, "host": w.host, "pid": w.pid, "kind": w.kind, "devices": w.devices or [],
-                "memory_total_bytes": w.memory_total_bytes, "memory_free_bytes": w.memory_free_bytes,
-                "advertised_bytes": w.advertised_bytes, "model": w.model, "assigned_model": w.assigned_model,
+                "name": w.name,
+                "host": w.host,
+                "pid": w.pid,
+                "kind": w.kind,
+                "devices": w.devices or [],
+                "memory_total_bytes": w.memory_total_bytes,
+                "memory_free_bytes": w.memory_free_bytes,
+                "advertised_bytes": w.advertised_bytes,
+                "model": w.model,
+                "assigned_model": w.assigned_model,
                 "state": w.state if now - w.last_heartbeat <= st.heartbeat_timeout else "lost",
-                "error": w.error, "heartbeat_age_s": round(now - w.last_heartbeat, 1),
-                "tokens_generated": w.tokens_generated, "requests_done": w.requests_done,
+                "error": w.error,
+                "heartbeat_age_s": round(now - w.last_heartbeat, 1),
+                "tokens_generated": w.tokens_generated,
+                "requests_done": w.requests_done,
             }
             for w in found
         ]
@@ -104,8 +117,17 @@ def workers(show_all: bool, as_json: bool) -> None:
         devs = ", ".join(d.get("name", "?") for d in w["devices"])
         adv = f"{w['advertised_bytes'] / 1e9:.1f} GB" if w["advertised_bytes"] else "-"
         state = w["state"] + (f" ({w['error']})" if w["error"] else "")
-        t.add_row(w["name"], devs, f"{w['memory_total_bytes'] / 1e9:.1f} GB", f"{w['memory_free_bytes'] / 1e9:.1f} GB", adv,
-                  w["model"] or "-", state, f"{w['heartbeat_age_s']:.0f}s ago", str(w["tokens_generated"]))
+        t.add_row(
+            w["name"],
+            devs,
+            f"{w['memory_total_bytes'] / 1e9:.1f} GB",
+            f"{w['memory_free_bytes'] / 1e9:.1f} GB",
+            adv,
+            w["model"] or "-",
+            state,
+            f"{w['heartbeat_age_s']:.0f}s ago",
+            str(w["tokens_generated"]),
+        )
     Console().print(t)
 
 

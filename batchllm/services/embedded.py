@@ -95,7 +95,11 @@ def run_file(
 
 
 def _run_model(
-    settings: Settings, batch_id: str, ref: str, devices: list[Any], dispatch_batch: Callable[..., int],
+    settings: Settings,
+    batch_id: str,
+    ref: str,
+    devices: list[Any],
+    dispatch_batch: Callable[..., int],
     on_update: Callable[[dict[str, Any]], None] | None,
 ) -> None:
     """Host one model in-process, feed it every queued chunk of the batch for that model, and wait."""
@@ -109,9 +113,13 @@ def _run_model(
     kind = devices[0].kind
     name = f"embedded-{kind}@{socket.gethostname()}"
     identity = WorkerIdentity(
-        name=name, kind=kind, devices=[d.as_dict() for d in devices],
-        memory_total_bytes=sum(d.total_bytes for d in devices), memory_free_bytes=sum(d.free_bytes for d in devices),
-        advertised_bytes=None, pinned=True,
+        name=name,
+        kind=kind,
+        devices=[d.as_dict() for d in devices],
+        memory_total_bytes=sum(d.total_bytes for d in devices),
+        memory_free_bytes=sum(d.free_bytes for d in devices),
+        advertised_bytes=None,
+        pinned=True,
     )
     with session_scope(settings.database_url) as s:
         leases.release_owner(s, name)  # a killed earlier run's leases: ours to take back now
@@ -122,8 +130,15 @@ def _run_model(
     app = make_celery(settings, broker_url="memory://localhost/")
     register_tasks(app)
     try:
-        with start_worker(app, pool="solo", concurrency=1, perform_ping_check=False, queues=[queue_name(ref)],
-                          loglevel="WARNING", shutdown_timeout=60.0):
+        with start_worker(
+            app,
+            pool="solo",
+            concurrency=1,
+            perform_ping_check=False,
+            queues=[queue_name(ref)],
+            loglevel="WARNING",
+            shutdown_timeout=60.0,
+        ):
             dispatch_batch(settings, app, batch_id, only_undispatched=False)
             while True:
                 v = batch_view(settings, batch_id)

@@ -51,7 +51,10 @@ def recent(settings: Settings, limit: int = 20, active_only: bool = False) -> li
 
 
 def wait(
-    settings: Settings, batch_id: str, on_update: Callable[[dict[str, Any]], None] | None = None, poll: float = 1.0,
+    settings: Settings,
+    batch_id: str,
+    on_update: Callable[[dict[str, Any]], None] | None = None,
+    poll: float = 1.0,
     timeout: float | None = None,
 ) -> dict[str, Any]:
     """Poll until the batch reaches a terminal status; returns its final view."""

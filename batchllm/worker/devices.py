@@ -61,7 +61,9 @@ def cpu_device() -> DeviceInfo:
     import psutil
 
     vm = psutil.virtual_memory()
-    return DeviceInfo(index=0, name=f"cpu ({os.cpu_count()} cores)", total_bytes=int(vm.total), free_bytes=int(vm.available), kind="cpu")
+    return DeviceInfo(
+        index=0, name=f"cpu ({os.cpu_count()} cores)", total_bytes=int(vm.total), free_bytes=int(vm.available), kind="cpu"
+    )
 
 
 def discover(cpu: bool, gpus: list[int] | None) -> list[DeviceInfo]:

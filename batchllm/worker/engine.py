@@ -262,13 +262,14 @@ class EngineLoop:
             item = self._inflight.pop(out.request_id, None) if out.finished else None
             if item is None:
                 continue
-            req, grp, n_prompt = item
-            comp = out.outputs[0]
+            (req, grp, n_prompt), comp = item, out.outputs[0]
+            if comp.finish_reason == "abort":  # vLLM gave up on it (e.g. preempted for good): not a success
+                finished.append((grp, _error_result(req, "engine_error", "vLLM aborted the request", n_prompt, grp.submitted_at)))
+                continue
             finished.append((grp, EngineResult(
                 request_id=req.request_id, ok=True, text=comp.text, finish_reason=comp.finish_reason or "stop",
                 prompt_tokens=len(out.prompt_token_ids or ()) or n_prompt, completion_tokens=len(comp.token_ids),
-                latency_ms=(now - grp.submitted_at) * 1000.0,
-            )))
+                latency_ms=(now - grp.submitted_at) * 1000.0)))
         self._report_by_group(finished)
 
     def _fail_inflight(self, message: str) -> None:

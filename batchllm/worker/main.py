@@ -105,6 +105,7 @@ def run_worker(settings: Settings, identity: WorkerIdentity, model_ref: str | No
         The process exit code.
     """
     check_database(settings.database_url)
+    _pin_gpus(identity)
     error = None
     while True:
         ref = model_ref or wait_for_assignment(settings, identity, error)
@@ -134,8 +135,10 @@ def run_worker(settings: Settings, identity: WorkerIdentity, model_ref: str | No
 
     rt.on_reassigned = reassigned
     rt.start_heartbeat()
+    base, _, host = identity.name.partition("@")
     worker = app.Worker(
-        hostname=identity.name,
+        # Flower shows the Celery node name: say device, memory and model there too.
+        hostname=f"{base}+{ref.replace('@', '.')}@{host or identity.host}",
         queues=[queue_name(ref)],
         pool="solo",
         concurrency=1,
@@ -149,6 +152,17 @@ def run_worker(settings: Settings, identity: WorkerIdentity, model_ref: str | No
         log.info("restarting %s to load %s", identity.name, switch_to[0])
         os.execv(sys.executable, [sys.executable, *sys.argv])
     return int(worker.exitcode or 0)
+
+
+def _pin_gpus(identity: WorkerIdentity) -> None:
+    """Make CUDA see exactly this worker's GPUs, numbered as NVML numbers them (PCI bus order).
+
+    A systemd unit or compose file may already have set CUDA_VISIBLE_DEVICES: then it is left alone.
+    """
+    if identity.kind != "cuda" or "CUDA_VISIBLE_DEVICES" in os.environ:
+        return
+    os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(d["index"]) for d in identity.devices)
 
 
 def _heartbeat_state(

@@ -54,4 +54,5 @@ class WorkerState(StrEnum):
     BUSY = "busy"
     DRAINING = "draining"
     ERROR = "error"
+    LOST = "lost"  # set by the scheduler when the heartbeat lapsed
     STOPPED = "stopped"

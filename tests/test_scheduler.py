@@ -70,18 +70,20 @@ def db_url() -> Iterator[str]:
 
 
 @pytest.fixture
-def st(db_url: str, tmp_path: Path) -> Settings:
+def st(db_url: str, tmp_path: Path) -> Iterator[Settings]:
     """Settings for one test: empty tables, empty Redis database, the two-model test catalog."""
     import redis
 
     with session_scope(db_url) as s:
         s.execute(text("TRUNCATE batches, requests, chunks, results, workers, schedules CASCADE"))
     broker = f"{REDIS_BASE}/{REDIS_DB}"
-    redis.Redis.from_url(broker).flushdb()
+    client = redis.Redis.from_url(broker)
+    client.flushdb()
     models = tmp_path / "models.toml"
     models.write_text(MODELS_TOML)
-    return Settings(database_url=db_url, broker_url=broker, models_file=models, data_dir=tmp_path / "data",
+    yield Settings(database_url=db_url, broker_url=broker, models_file=models, data_dir=tmp_path / "data",
                     model_dir=tmp_path / "models", chunk_size=2, heartbeat_timeout=30, lease_seconds=30)
+    client.flushdb()
 
 
 @pytest.fixture

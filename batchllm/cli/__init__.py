@@ -58,9 +58,9 @@ def main(verbose: bool) -> None:
 
 
 def _register() -> None:
-    from batchllm.cli import batch, db, models, ops, run, workers
+    from batchllm.cli import batch, db, models, ops, run, scheduler, workers
 
-    for mod in (batch, db, models, ops, run, workers):
+    for mod in (batch, db, models, ops, run, scheduler, workers):
         for cmd in mod.COMMANDS:
             main.add_command(cmd)
 

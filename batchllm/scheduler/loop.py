@@ -256,7 +256,7 @@ class Scheduler:
                 hostable = any(ok(w, ref) for w in live if not w.pinned or w.model == ref)
                 if not d.queued or not msgs or serving.get(ref) or hostable:
                     continue
-                message = f"no worker can load {ref}: {msgs[0]}"
+                message = f"no worker could load {ref} ({msgs[0]})"
                 touched = batch_rows.fail_chunks(s, ref, "model_load_failed", message)
                 s.flush()
                 for batch_id in touched:
@@ -287,7 +287,7 @@ class Scheduler:
         for w in live:
             m = _LOAD_ERROR.match(w.error or "") if w.state == WorkerState.ERROR else None
             if m and (w.name, w.pid, m[1]) not in self._load_failures:
-                self._load_failures[(w.name, w.pid, m[1])] = w.error or ""
+                self._load_failures[(w.name, w.pid, m[1])] = f"{w.name}: {(w.error or '')[m.end():]}"
                 log.warning("worker %s failed to load %s; it will not be given %s again", w.name, m[1], m[1])
 
     def _failed_refs(self, w: Worker) -> set[str]:
@@ -362,13 +362,14 @@ class Scheduler:
         return isinstance(e, OperationalError | InterfaceError)
 
     def _log_errors(self, errors: list[str]) -> None:
-        line, (last, at) = "; ".join(errors), self._last_log
+        # The same outage is one line a minute, whichever step met it first (recovery is paused after one).
+        key, (last, at) = "; ".join(sorted({e.split(": ", 1)[-1] for e in errors})), self._last_log
         if not errors and last:
             log.warning("scheduler tick: all steps succeed again")
-        if line != last or (errors and time.monotonic() - at >= LOG_REPEAT_S):
+        if key != last or (errors and time.monotonic() - at >= LOG_REPEAT_S):
             if errors:
-                log.warning("scheduler tick: %s (will retry)", line)
-            self._last_log = (line, time.monotonic())
+                log.warning("scheduler tick: %s (will retry)", "; ".join(errors))
+            self._last_log = (key, time.monotonic())
 
 
 def _looks_lost(depth: int, waiting: int, workers: int) -> bool:

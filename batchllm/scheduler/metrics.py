@@ -20,6 +20,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from batchllm.errors import InputError
 from batchllm.status import BatchStatus, ChunkStatus
 from batchllm.store.models import Batch, Chunk, Request, Result, Worker
 
@@ -63,7 +64,11 @@ class SchedulerMetrics:
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> int:
         """Start the ``/metrics`` HTTP server in a daemon thread; returns the bound port (``port=0``: any free one)."""
-        server, _thread = start_http_server(port, addr=addr, registry=self.registry)
+        try:
+            server, _thread = start_http_server(port, addr=addr, registry=self.registry)
+        except OSError as e:
+            raise InputError(f"cannot serve metrics on {addr}:{port}: {e.strerror}; pick another with --metrics-port "
+                             "or BATCHLLM_METRICS_PORT (0 turns metrics off)") from e
         return int(server.server_port)
 
     def render(self) -> bytes:

@@ -134,6 +134,15 @@ def run_worker(settings: Settings, identity: WorkerIdentity, model_ref: str | No
             os.kill(os.getpid(), signal.SIGTERM)  # Celery's warm shutdown: finish the current task, stop consuming
 
     rt.on_reassigned = reassigned
+    restart: list[bool] = []
+
+    def engine_failed() -> None:
+        if not restart:
+            restart.append(True)
+            log.error("engine of %s failed; restarting the worker process", identity.name)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    rt.on_engine_failed = engine_failed
     rt.start_heartbeat()
     base, _, host = identity.name.partition("@")
     worker = app.Worker(
@@ -148,7 +157,7 @@ def run_worker(settings: Settings, identity: WorkerIdentity, model_ref: str | No
     )
     worker.start()
     rt.shutdown()
-    if switch_to and not identity.pinned:
+    if restart or (switch_to and not identity.pinned):
         log.info("restarting %s to load %s", identity.name, switch_to[0])
         os.execv(sys.executable, [sys.executable, *sys.argv])
     return int(worker.exitcode or 0)

@@ -80,6 +80,7 @@ class WorkerRuntime:
         self._stop = threading.Event()
         self._hb: threading.Thread | None = None
         self.on_reassigned: Callable[[str | None], None] | None = None
+        self.on_engine_failed: Callable[[], None] | None = None
         self.state = WorkerState.READY
         self.error: str | None = None
 
@@ -182,7 +183,12 @@ class WorkerRuntime:
             worker_rows.heartbeat(s, self.heartbeat_row())
             leases.extend(s, self.identity.name, self.settings.lease_seconds)
             assigned = None if self.identity.pinned else worker_rows.assigned_model(s, self.identity.name)
-        if not self.identity.pinned and assigned != self.model_ref and self.on_reassigned is not None:
+        engine_error = getattr(self.engine, "error", None)
+        if engine_error and self.on_engine_failed is not None:
+            # The engine declared itself broken: restart the process rather than fail every chunk.
+            self.error = f"engine failed: {engine_error}"
+            self.on_engine_failed()
+        elif not self.identity.pinned and assigned != self.model_ref and self.on_reassigned is not None:
             self.on_reassigned(assigned)
 
     def start_heartbeat(self) -> None:

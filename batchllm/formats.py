@@ -14,6 +14,11 @@ from typing import IO, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError, field_validator
 
+try:  # optional accelerator: ~4x faster loads/dumps on the submit hot path; the stdlib is the fallback
+    import orjson as _orjson
+except ImportError:  # pragma: no cover - depends on the environment
+    _orjson = None
+
 CHAT_URL = "/v1/chat/completions"
 COMPLETIONS_URL = "/v1/completions"
 ROLES = ("system", "user", "assistant", "developer", "tool")
@@ -137,7 +142,29 @@ class ParsedRequest(BaseModel):
 
     def body_json(self) -> str:
         """What the store keeps for the worker: prompt or messages plus sampling params."""
-        return json.dumps({"messages": self.messages, "prompt": self.prompt, "params": self.params}, ensure_ascii=False)
+        return dump_body(self.messages, self.prompt, self.params)
+
+
+def _dump_json_std(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False)
+
+
+if _orjson is not None:
+    _orjson_dumps = _orjson.dumps
+
+    def _dump_json(obj: Any) -> str:
+        try:
+            return _orjson_dumps(obj).decode("utf-8")
+        except TypeError:  # e.g. an integer beyond 64 bits (never in a validated body); the stdlib handles it
+            return _dump_json_std(obj)
+
+else:  # pragma: no cover - depends on the environment
+    _dump_json = _dump_json_std
+
+
+def dump_body(messages: list[dict[str, Any]] | None, prompt: str | None, params: dict[str, Any]) -> str:
+    """The stored ``body`` JSON text of a request (UTF-8 text, not ``\\u`` escapes; read back with ``json.loads``)."""
+    return _dump_json({"messages": messages, "prompt": prompt, "params": params})
 
 
 class LineError(BaseModel):
@@ -162,11 +189,6 @@ _BOM = b"\xef\xbb\xbf"
 _UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 
 
-def _line_error(line_no: int, code: str, message: str) -> InputLine:
-    """An ``InputLine`` for a line that could not be read as text (its id is ``line-<n>``)."""
-    return InputLine(line_no=line_no, error=LineError(line_no=line_no, custom_id=f"line-{line_no}", code=code, message=message))
-
-
 def iter_lines(stream: IO[bytes], max_line_bytes: int) -> Iterator[InputLine]:
     """Stream a JSONL file line by line, keeping 1-based line numbers; memory stays flat.
 
@@ -178,9 +200,24 @@ def iter_lines(stream: IO[bytes], max_line_bytes: int) -> Iterator[InputLine]:
         stream: a binary file object.
         max_line_bytes: longer lines are not parsed (and not held in memory beyond this size).
     """
+    for line_no, text, error in iter_raw_lines(stream, max_line_bytes):
+        if error is not None:
+            yield InputLine(line_no=line_no, error=error)
+        else:
+            yield InputLine(line_no=line_no, text=text)
+
+
+def iter_raw_lines(stream: IO[bytes], max_line_bytes: int) -> Iterator[tuple[int, str | None, LineError | None]]:
+    """``iter_lines`` as plain ``(line_no, text, error)`` tuples: the same rules without a model per line.
+
+    The submit hot path uses this (a pydantic object per line costs more than reading the line).
+    A blank line is ``(n, None, None)``.
+    """
     line_no = 0
+    readline = stream.readline
+    limit = max_line_bytes + 1
     while True:
-        raw = stream.readline(max_line_bytes + 1)
+        raw = readline(limit)
         if not raw:
             return
         line_no += 1
@@ -189,34 +226,38 @@ def iter_lines(stream: IO[bytes], max_line_bytes: int) -> Iterator[InputLine]:
         if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
             size = len(raw)
             while True:  # discard the rest of the oversized line without keeping it
-                more = stream.readline(1 << 20)
+                more = readline(1 << 20)
                 size += len(more)
                 if not more or more.endswith(b"\n"):
                     break
             msg = f"line is {size / 1e6:.1f} MB, over the {max_line_bytes / 1e6:.1f} MB limit (BATCHLLM_MAX_LINE_BYTES)"
-            yield _line_error(line_no, "line_too_long", msg)
+            yield line_no, None, _read_error(line_no, "line_too_long", msg)
             continue
         stripped = raw.strip()
         if not stripped:
-            yield InputLine(line_no=line_no)  # blank: text None, error None
+            yield line_no, None, None  # blank: text None, error None
             continue
         if stripped.startswith(_UTF16_BOMS):
-            yield _line_error(
-                line_no, "invalid_encoding", "the file is UTF-16 (it starts with a UTF-16 byte-order mark); save it as UTF-8"
-            )
+            msg = "the file is UTF-16 (it starts with a UTF-16 byte-order mark); save it as UTF-8"
+            yield line_no, None, _read_error(line_no, "invalid_encoding", msg)
             continue
         nul = stripped.find(b"\x00")
         if nul >= 0:  # never valid in JSON text; the sign of a binary or UTF-16 file
             msg = f"NUL byte (0x00) at column {nul + 1}: binary or UTF-16 data, not JSON text; save the file as UTF-8 JSONL"
-            yield _line_error(line_no, "invalid_encoding", msg)
+            yield line_no, None, _read_error(line_no, "invalid_encoding", msg)
             continue
         try:
             text = stripped.decode("utf-8")
         except UnicodeDecodeError as e:
             msg = f"not valid UTF-8 (byte 0x{stripped[e.start]:02x} at column {e.start + 1}); save the file as UTF-8"
-            yield _line_error(line_no, "invalid_encoding", msg)
+            yield line_no, None, _read_error(line_no, "invalid_encoding", msg)
             continue
-        yield InputLine(line_no=line_no, text=text)
+        yield line_no, text, None
+
+
+def _read_error(line_no: int, code: str, message: str) -> LineError:
+    """The error of a line that could not be read as text (its id is ``line-<n>``)."""
+    return LineError(line_no=line_no, custom_id=f"line-{line_no}", code=code, message=message)
 
 
 _TYPE_WORDS = {
@@ -413,6 +454,258 @@ def parse_line(
     Returns:
         A ``ParsedRequest``, or a ``LineError`` that says in one line what is wrong and how to fix it.
     """
+    fast = _parse_fast(text, default_model, check_model)
+    if fast is not None:
+        cid, model, kind, messages, prompt, params = fast
+        return ParsedRequest(line_no=line_no, custom_id=cid or f"line-{line_no}", model=model, kind=kind, messages=messages,
+                             prompt=prompt, params=params)
+    return _parse_line_checked(line_no, text, default_model, check_model)
+
+
+def parse_line_record(
+    line_no: int,
+    text: str,
+    default_model: str | None,
+    check_model: Callable[[str], str | None],
+) -> tuple[str, str, str, str] | LineError:
+    """``parse_line`` for the submit hot path: ``(custom_id, model, kind, body_json)`` or the ``LineError``.
+
+    Same rules and the same results as ``parse_line`` (the stored body is ``ParsedRequest.body_json()``),
+    without building a pydantic object per line.
+    """
+    fast = _parse_fast(text, default_model, check_model)
+    if fast is not None:
+        cid, model, kind, messages, prompt, params = fast
+        return cid or f"line-{line_no}", model, kind, dump_body(messages, prompt, params)
+    parsed = _parse_line_checked(line_no, text, default_model, check_model)
+    if isinstance(parsed, LineError):
+        return parsed
+    return parsed.custom_id, parsed.model, parsed.kind, parsed.body_json()
+
+
+# ------------------------------------------------------------- the fast path for common well-formed lines
+#
+# Most lines of a real file are plain: a string id, a prompt or a list of {role, content} string messages,
+# a few numeric sampling parameters. ``_parse_fast`` accepts exactly those, checking every rule the
+# pydantic models check (types, ranges, unknown fields, unstorable text, the model name), and returns
+# what the full path would. Anything else — any doubt at all — returns None, and the full path
+# (``_parse_line_checked``) decides and writes the error message. So the fast path can only ever say
+# "valid" for a line the full path also accepts, with the same result.
+
+_loads_fast: Callable[[str], Any] = _orjson.loads if _orjson is not None else json.loads
+_ROLE_SET = frozenset(ROLES)
+_NO = object()
+
+
+def _sampling_rules() -> dict[str, tuple[type, Any, Any, Any, Any]]:
+    """``{field: (int|float, ge, gt, le, lt)}`` read off ``Sampling``'s strict numeric fields."""
+    import typing
+
+    import annotated_types as at
+
+    rules: dict[str, tuple[type, Any, Any, Any, Any]] = {}
+    for name, info in Sampling.model_fields.items():
+        args = typing.get_args(info.annotation)
+        if len(args) != 2 or args[1] is not type(None) or typing.get_origin(args[0]) is not typing.Annotated:
+            continue
+        base, *extra = typing.get_args(args[0])
+        if base not in (int, float) or not any(getattr(x, "strict", False) for x in extra):
+            continue
+        bounds: dict[str, Any] = {}
+        for m in info.metadata:
+            kind = {at.Ge: "ge", at.Gt: "gt", at.Le: "le", at.Lt: "lt"}.get(type(m))
+            if kind is None:
+                break  # a constraint the fast path does not know: leave the field to pydantic
+            bounds[kind] = getattr(m, kind)
+        else:
+            rules[name] = (base, bounds.get("ge"), bounds.get("gt"), bounds.get("le"), bounds.get("lt"))
+    return rules
+
+
+_NUM_RULES = _sampling_rules()
+# ``stop`` (str | list[str], at most 4: ``Sampling._stop``) is checked by hand; other fields go to pydantic.
+_FAST_SAMPLING = frozenset(_NUM_RULES) | ({"stop"} if "stop" in Sampling.model_fields else set())
+_FAST_SHORT_KEYS = frozenset(k for k in SHORT_FIELDS if k in ("id", "model", "prompt", "messages") or k in _FAST_SAMPLING)
+_FAST_CHAT_KEYS = frozenset(k for k in CHAT_BODY_FIELDS if k in ("model", "messages") or k in _FAST_SAMPLING)
+_FAST_COMPLETION_KEYS = frozenset(k for k in COMPLETION_BODY_FIELDS if k in ("model", "prompt") or k in _FAST_SAMPLING)
+_OPENAI_KEYS = frozenset(OPENAI_FIELDS)
+_IGNORED_KEYS = frozenset(IGNORED_BODY_FIELDS)
+_UNSUPPORTED_KEYS = frozenset(UNSUPPORTED_BODY_FIELDS)
+_PARAM_ORDER = tuple(k for k in SAMPLING_FIELDS if k in _FAST_SAMPLING)
+_ORDER_CACHE: dict[tuple[str, ...], tuple[str, ...]] = {}  # the keys a line gave → the same keys in _PARAM_ORDER
+
+
+def _fast_number(v: Any, rule: tuple[type, Any, Any, Any, Any]) -> Any:
+    """A strict int/float field's value as pydantic returns it, or ``_NO``."""
+    base, ge, gt, le, lt = rule
+    t = type(v)
+    if base is int:
+        if t is not int:
+            return _NO
+    elif t is int:  # strict float accepts an int and returns a float
+        if not -(2**53) <= v <= 2**53:
+            return _NO
+        v = float(v)
+    elif t is not float:
+        return _NO
+    if (ge is not None and not v >= ge) or (gt is not None and not v > gt) or (le is not None and not v <= le) or (
+        lt is not None and not v < lt
+    ):
+        return _NO
+    return v
+
+
+def _fast_params(src: dict[str, Any]) -> dict[str, Any] | None:
+    """``Sampling.params()`` of ``src`` (whose keys are already known), or None when a value needs pydantic."""
+    values: dict[str, Any] = {}
+    for key, v in src.items():
+        if v is None or key in ("model", "prompt", "messages", "id"):
+            continue
+        rule = _NUM_RULES.get(key)
+        if rule is not None:
+            v = _fast_number(v, rule)
+            if v is _NO:
+                return None
+        elif key == "stop":
+            if type(v) is list:
+                if len(v) > 4 or any(type(x) is not str for x in v):
+                    return None
+                v = list(v)
+            elif type(v) is not str:
+                return None
+        else:  # an ignored or default-valued unsupported body field
+            continue
+        values[key] = v
+    keys = tuple(values)
+    order = _ORDER_CACHE.get(keys)
+    if order is None:
+        order = tuple(k for k in _PARAM_ORDER if k in values)
+        if len(_ORDER_CACHE) < 512:  # a handful of orders in practice; bounded whatever the file holds
+            _ORDER_CACHE[keys] = order
+    out = values if order == keys else {k: values[k] for k in order}
+    if "max_tokens" not in out and "max_completion_tokens" in values:
+        out["max_tokens"] = values["max_completion_tokens"]
+    return out
+
+
+def _fast_messages(value: Any) -> list[dict[str, Any]] | None:
+    """``[m.model_dump(exclude_none=True)]`` for plain string messages, or None."""
+    if type(value) is not list or not value:
+        return None
+    out = []
+    for m in value:
+        if type(m) is not dict:
+            return None
+        role, content = m.get("role"), m.get("content")
+        if type(content) is not str or type(role) is not str or role not in _ROLE_SET:
+            return None
+        if len(m) == 2:
+            out.append({"role": role, "content": content})
+        elif len(m) == 3 and "name" in m and (m["name"] is None or type(m["name"]) is str):
+            out.append({"role": role, "content": content} if m["name"] is None else {"role": role, "content": content, "name": m["name"]})
+        else:
+            return None
+    return out
+
+
+def _parse_fast(
+    text: str, default_model: str | None, check_model: Callable[[str], str | None]
+) -> tuple[str | None, str, Literal["chat", "completion"], list[dict[str, Any]] | None, str | None, dict[str, Any]] | None:
+    """``(custom_id or None for line-<n>, model, kind, messages, prompt, params)`` of a plain valid line, else None."""
+    try:
+        obj = _loads_fast(text)
+    except Exception:  # the full path reports it
+        return None
+    if type(obj) is not dict:
+        return None
+    if "\\u" in text and _unstorable(obj) is not None:
+        return None
+    messages: list[dict[str, Any]] | None = None
+    prompt: str | None = None
+    if "custom_id" in obj or "url" in obj or "body" in obj or "method" in obj:
+        for k in obj:
+            if k not in _OPENAI_KEYS:
+                return None
+        cid = obj.get("custom_id")
+        if cid is not None and (type(cid) is not str or not 0 < len(cid) <= 512):
+            return None
+        if "method" in obj and obj["method"] != "POST":
+            return None
+        url, src = obj.get("url"), obj.get("body")
+        if type(src) is not dict:
+            return None
+        if url == CHAT_URL:
+            known = _FAST_CHAT_KEYS
+        elif url == COMPLETIONS_URL:
+            known = _FAST_COMPLETION_KEYS
+        else:
+            return None
+        for key, value in src.items():
+            if key not in known and key not in _IGNORED_KEYS and not (key in _UNSUPPORTED_KEYS and _is_default(key, value)):
+                return None
+        if url == CHAT_URL:
+            kind: Literal["chat", "completion"] = "chat"
+            messages = _fast_messages(src.get("messages"))
+            if messages is None:
+                return None
+        else:
+            kind = "completion"
+            prompt = src.get("prompt")
+            if type(prompt) is not str or not prompt:
+                return None
+    else:
+        for k in obj:
+            if k not in _FAST_SHORT_KEYS:
+                return None
+        raw_id = obj.get("id")
+        if raw_id is None:
+            cid = None
+        elif type(raw_id) is str:
+            if not 0 < len(raw_id) <= 512:
+                return None
+            cid = raw_id
+        elif type(raw_id) is int and -(10**18) < raw_id < 10**18:
+            cid = str(raw_id)
+        else:
+            return None
+        src = obj
+        prompt, raw_messages = obj.get("prompt"), obj.get("messages")
+        if raw_messages is None:
+            if type(prompt) is not str or not prompt:
+                return None
+            kind = "completion"
+        else:
+            if prompt is not None:
+                return None
+            messages = _fast_messages(raw_messages)
+            if messages is None:
+                return None
+            kind = "chat"
+    params = _fast_params(src)
+    if params is None:
+        return None
+    model = src.get("model")
+    if model is None or model == "":
+        model = default_model
+    elif type(model) is not str:
+        return None
+    if not model or len(model) > MAX_MODEL_NAME:
+        return None
+    try:
+        if check_model(model) is not None:
+            return None
+    except Exception:
+        return None
+    return cid, model, kind, messages, prompt, params
+
+
+def _parse_line_checked(
+    line_no: int,
+    text: str,
+    default_model: str | None,
+    check_model: Callable[[str], str | None],
+) -> ParsedRequest | LineError:
+    """The full validation of one line (pydantic models, every error message); see ``parse_line``."""
     fallback_id = f"line-{line_no}"
 
     def err(code: str, message: str, cid: str = fallback_id, model: str | None = None) -> LineError:

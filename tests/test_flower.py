@@ -35,8 +35,14 @@ pytestmark = [pytest.mark.slow, pytest.mark.services]
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 ]
 USER = "nightly-ops"
 # A colon and a comma on purpose: `batchllm flower` hands the credential to Flower's options directly, and
@@ -109,7 +115,10 @@ def flower(cluster_env: dict[str, str], cpu_worker: WorkerProc, tmp_path_factory
     log = tmp_path_factory.mktemp("flower") / "flower.log"
     proc = subprocess.Popen(
         [sys.executable, "-m", "batchllm", "flower", "--port", str(port), "--address", "127.0.0.1"],
-        env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
+        env=env,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     fl = Flower(proc=proc, base=f"http://127.0.0.1:{port}", log=log)
     try:
@@ -160,8 +169,10 @@ def seen(flower: Flower, cpu_worker: WorkerProc, cluster_env: dict[str, str], tm
     assert node.endswith(f"@{host}")
 
     src = tmp_path_factory.mktemp("flower-batch") / "in.jsonl"
-    src.write_text("".join(json.dumps({"id": f"f{i}", "prompt": f"Count to {i + 1}.", "max_tokens": 4}) + "\n"
-                           for i in range(LINES)), encoding="utf-8")
+    src.write_text(
+        "".join(json.dumps({"id": f"f{i}", "prompt": f"Count to {i + 1}.", "max_tokens": 4}) + "\n" for i in range(LINES)),
+        encoding="utf-8",
+    )
     proc = run_cli(["submit", str(src), "--model", MODEL, "--name", "flower-check", "--wait"], cluster_env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     batch_id = proc.stdout.strip().splitlines()[0]
@@ -184,8 +195,13 @@ def seen(flower: Flower, cpu_worker: WorkerProc, cluster_env: dict[str, str], tm
 
 
 def test_flower_requires_basic_auth(flower: Flower) -> None:
-    wrong = [None, _auth(USER, "not-the-password"), _auth("admin", PASSWORD), _auth(USER, PASSWORD.split(",")[0]),
-             "Bearer " + PASSWORD]
+    wrong = [
+        None,
+        _auth(USER, "not-the-password"),
+        _auth("admin", PASSWORD),
+        _auth(USER, PASSWORD.split(",")[0]),
+        "Bearer " + PASSWORD,
+    ]
     for path in ("/api/workers", "/api/tasks", "/workers", "/tasks"):
         assert flower.get(path)[0] == 200, path
         for auth in wrong:
@@ -205,7 +221,7 @@ def test_flower_api_lists_worker(flower: Flower, seen: Seen, cpu_worker: WorkerP
     assert seen.ref.replace("@", ".") in seen.node
 
     # ?refresh=1 asks the live worker itself (Celery inspect: stats, registered, active_queues, conf, ...)
-    workers = flower.api(f"/api/workers?refresh=1&workername={seen.node}")
+    workers = flower.api("/api/workers?" + urllib.parse.urlencode({"refresh": 1, "workername": seen.node}))
     assert list(workers) == [seen.node]
     info = workers[seen.node]
     assert info["stats"]["pid"] == cpu_worker.proc.pid  # the `batchllm worker` process itself runs Celery
@@ -233,12 +249,14 @@ def test_flower_api_lists_readable_tasks(flower: Flower, seen: Seen) -> None:
         for part in (seen.ref, seen.batch_id, f"#{chunk_id[-6:]}", f"x{size}"):
             assert part in name, (part, name)
         assert t["worker"] == seen.node
+        assert t["routing_key"] == f"batchllm.{seen.ref}"  # the model@variant's own queue
         assert t["state"] == "SUCCESS"
-        assert t["received"] and t["started"] and t["succeeded"]
-        assert t["received"] <= t["started"] <= t["succeeded"]
+        # task-sent comes from the submitting CLI (task_send_sent_event), the rest from the worker
+        assert t["sent"] and t["received"] and t["started"] and t["succeeded"]
+        assert t["sent"] <= t["received"] <= t["started"] <= t["succeeded"]
 
     # Flower's filters work on these: by worker, and by the shadow name
-    by_worker = flower.api(f"/api/tasks?workername={seen.node}")
+    by_worker = flower.api("/api/tasks?" + urllib.parse.urlencode({"workername": seen.node}))
     assert {t["uuid"] for t in seen.tasks.values()} <= set(by_worker)
     one = next(iter(seen.tasks.values()))
     by_name = flower.api("/api/tasks?" + urllib.parse.urlencode({"taskname": one["name"]}))
@@ -259,26 +277,42 @@ def test_flower_workers_page_in_browser(flower: Flower, seen: Seen, tmp_path: Pa
     if not CHROMIUM.exists():
         pytest.fail(f"{CHROMIUM} is missing: run scripts/setup.sh (as root it installs Debian's chromium package)")
     try:
-        from playwright.sync_api import expect, sync_playwright
+        from playwright.sync_api import Error as PlaywrightError
+        from playwright.sync_api import HttpCredentials, expect, sync_playwright
     except ImportError:
         pytest.fail("playwright is not installed in the venv: run scripts/setup.sh (pip install playwright)")
 
     shot = tmp_path / "flower-workers.png"
     with sync_playwright() as pw:
-        def context(name: str, creds: dict[str, str] | None) -> Any:
+
+        def context(name: str, creds: HttpCredentials | None) -> Any:
             return pw.chromium.launch_persistent_context(
-                str(tmp_path / name), executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True,
-                http_credentials=creds, viewport={"width": 1280, "height": 800}, timeout=60_000,
+                str(tmp_path / name),
+                executable_path=str(CHROMIUM),
+                args=CHROMIUM_ARGS,
+                headless=True,
+                http_credentials=creds,
+                viewport={"width": 1280, "height": 800},
+                timeout=60_000,
             )
 
-        anon = context("profile-anon", None)
-        try:
-            resp = anon.new_page().goto(flower.base + "/workers")
-            assert resp is not None and resp.status == 401
-        finally:
-            anon.close()
+        # no credentials, or a wrong password: Flower's challenge is not met and Chromium refuses the page
+        for name, creds in (("profile-anon", None), ("profile-wrong", HttpCredentials(username=USER, password="wrong"))):
+            ctx = context(name, creds)
+            try:
+                page = ctx.new_page()
+                try:
+                    resp = page.goto(flower.base + "/workers")
+                except PlaywrightError as e:  # Playwright cancels the auth prompt when it has nothing to answer
+                    assert "ERR_INVALID_AUTH_CREDENTIALS" in str(e), str(e)
+                else:  # it answered, wrongly, and shows the 401 page
+                    assert resp is not None and resp.status == 401, (name, resp and resp.status)
+                    assert seen.node not in page.content()
+                    expect(page.locator("body")).to_have_text("Access denied")
+            finally:
+                ctx.close()
 
-        ctx = context("profile", {"username": USER, "password": PASSWORD})
+        ctx = context("profile", HttpCredentials(username=USER, password=PASSWORD))
         try:
             page = ctx.new_page()
             resp = page.goto(flower.base + "/workers", wait_until="networkidle")
@@ -286,8 +320,19 @@ def test_flower_workers_page_in_browser(flower: Flower, seen: Seen, tmp_path: Pa
             row = page.locator("#workers-table tbody tr", has_text=seen.node)
             expect(row).to_have_count(1, timeout=30_000)
             expect(row.locator("td").first).to_have_text(seen.node)
-            expect(row).to_contain_text("True")  # online
+            cells = row.locator("td")
+            expect(cells.nth(1)).to_have_text("Online")
+            # columns: worker, status, active, processed, failed, succeeded, load average
+            expect(cells.nth(4)).to_have_text("0")
+            assert int(cells.nth(3).inner_text()) >= len(seen.chunks)
+            assert int(cells.nth(5).inner_text()) >= len(seen.chunks)
             page.screenshot(path=str(shot), full_page=True)
+
+            # the worker's own page (the `+` and `@` of the node name survive the link) shows its model's queue
+            row.get_by_role("link", name=seen.node).click()
+            page.wait_for_load_state("networkidle")
+            assert page.url.endswith("/worker/" + urllib.parse.quote(seen.node, safe="")), page.url
+            expect(page.locator("body")).to_contain_text(f"batchllm.{seen.ref}", timeout=30_000)
 
             # the tasks page shows the readable names too
             page.goto(flower.base + "/tasks", wait_until="networkidle")

@@ -124,7 +124,7 @@ def _run_model(
     with session_scope(settings.database_url) as s:
         leases.release_owner(s, name)  # a killed earlier run's leases: ours to take back now
     engine = build_engine(settings, ref, kind, 1)
-    rt = WorkerRuntime(settings, identity, ref, engine, feed_depth=max(2 * settings.chunk_size, 128))
+    rt = WorkerRuntime(settings, identity, ref, engine, feed_depth=settings.feed_depth())
     set_runtime(rt)
     rt.start_heartbeat()
     app = make_celery(settings, broker_url="memory://localhost/")

@@ -1,8 +1,14 @@
-"""Bulk ingestion of request rows: COPY on PostgreSQL, executemany on SQLite; never a row at a time."""
+"""Bulk ingestion of request rows: COPY on PostgreSQL, executemany on SQLite; never a row at a time.
+
+On PostgreSQL the rows are formatted into COPY text by the caller's thread and sent by a background
+thread, one ``COPY`` statement per ``flush_every`` rows, so the database inserts (and runs the foreign-key
+and index work of) one slice while the caller validates the next: the two run on different cores.
+"""
 
 from __future__ import annotations
 
-import io
+import queue
+import threading
 from typing import Any
 
 from sqlalchemy import insert
@@ -11,14 +17,22 @@ from sqlalchemy.orm import Session
 from batchllm.store.models import Request
 
 _COLS = ("batch_id", "line_no", "custom_id", "model", "kind", "chunk_id", "body", "error_code", "error_message")
+_COPY_SQL = f"COPY requests ({', '.join(_COLS)}) FROM STDIN"
+_NULL = "\\N"
+_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 
 class RequestWriter:
     """Buffers request rows and writes them in bulk inside the caller's transaction.
 
+    On PostgreSQL, rows added past each ``flush_every`` are on their way to the database in the
+    background; :meth:`flush` returns once every row is written. Between the first :meth:`add` and
+    :meth:`flush` the session's connection belongs to the writer: do not use the session meanwhile.
+    Call :meth:`abort` instead of :meth:`flush` when giving up (the transaction is then rolled back).
+
     Args:
         session: the ingest session (one transaction for the whole file, so --strict can roll back).
-        flush_every: rows per bulk write.
+        flush_every: rows per bulk write (one COPY statement or one executemany).
     """
 
     def __init__(self, session: Session, flush_every: int = 20_000) -> None:
@@ -27,41 +41,134 @@ class RequestWriter:
         self.rows: list[tuple[Any, ...]] = []
         self.written = 0
         self._pg = session.get_bind().dialect.name == "postgresql"
+        self._copier: _CopyThread | None = None
 
     def add(self, row: tuple[Any, ...]) -> None:
         """Queue one row, ordered as ``_COLS``."""
         self.rows.append(row)
         if len(self.rows) >= self.flush_every:
-            self.flush()
+            self._send()
 
     def flush(self) -> None:
-        """Write what is buffered."""
+        """Write what is buffered and wait until the database has every row added so far."""
+        self._send()
+        if self._copier is not None:
+            copier, self._copier = self._copier, None
+            copier.finish()
+
+    def abort(self) -> None:
+        """Stop writing (after an error elsewhere); buffered rows are dropped. Never raises."""
+        self.rows.clear()
+        if self._copier is not None:
+            copier, self._copier = self._copier, None
+            copier.abort()
+
+    def _send(self) -> None:
         if not self.rows:
             return
         if self._pg:
-            self._copy()
+            if self._copier is None:
+                raw: Any = self.session.connection().connection.dbapi_connection
+                self._copier = _CopyThread(raw)
+            self._copier.put(_copy_text(self.rows))
         else:
             self.session.execute(insert(Request), [dict(zip(_COLS, r, strict=True)) for r in self.rows])
         self.written += len(self.rows)
-        self.rows.clear()
+        self.rows = []
 
-    def _copy(self) -> None:
-        # COPY is several times faster than multi-row INSERT for large batches; it runs on the
-        # session's own connection, so it stays inside the ingest transaction.
-        conn = self.session.connection()
-        raw: Any = conn.connection.dbapi_connection
-        buf = io.StringIO()
-        for r in self.rows:
-            buf.write("\t".join(_copy_field(v) for v in r))
-            buf.write("\n")
-        with raw.cursor() as cur, cur.copy(f"COPY requests ({', '.join(_COLS)}) FROM STDIN") as cp:
-            cp.write(buf.getvalue())
+
+class _CopyThread:
+    """Runs one ``COPY requests FROM STDIN`` per slice of text on a background thread.
+
+    COPY is several times faster than multi-row INSERT; it runs on the session's own connection, so it
+    stays inside the ingest transaction. At most two slices wait, so memory stays flat.
+    """
+
+    def __init__(self, dbapi_connection: Any) -> None:
+        self._conn = dbapi_connection
+        self._queue: queue.Queue[str | None] = queue.Queue(maxsize=2)
+        self._error: BaseException | None = None
+        self._aborted = False
+        self._thread = threading.Thread(target=self._run, name="batchllm-copy", daemon=True)
+        self._thread.start()
+
+    def put(self, text: str) -> None:
+        """Hand over one slice (blocks while two are waiting); raises the writer's error, if any."""
+        while True:
+            if self._error is not None:
+                self._raise()
+            try:
+                self._queue.put(text, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def finish(self) -> None:
+        """Wait for every slice to be written; raise what the writer raised."""
+        self._put_end()
+        self._thread.join()
+        if self._error is not None:
+            self._raise()
+
+    def abort(self) -> None:
+        """Drop what is waiting and stop after the statement in flight."""
+        self._aborted = True
+        try:
+            while True:
+                self._queue.get_nowait()
+        except queue.Empty:
+            pass
+        self._put_end()
+        self._thread.join(timeout=600)
+
+    def _put_end(self) -> None:
+        while self._thread.is_alive():
+            try:
+                self._queue.put(None, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def _raise(self) -> None:
+        err = self._error
+        assert err is not None
+        raise err.with_traceback(err.__traceback__)
+
+    def _run(self) -> None:
+        while True:
+            text = self._queue.get()
+            if text is None:
+                return
+            if self._error is not None or self._aborted:
+                continue  # drain until the end marker so put() never blocks forever
+            try:
+                with self._conn.cursor() as cur, cur.copy(_COPY_SQL) as cp:
+                    cp.write(text)
+            except BaseException as e:  # handed to the caller's thread by put()/finish()
+                self._error = e
+
+
+def _copy_text(rows: list[tuple[Any, ...]]) -> str:
+    """Rows as COPY text: tab-separated, ``\\N`` for NULL, backslash escapes where needed."""
+    lines = []
+    append = lines.append
+    for r in rows:
+        if len(r) == 9 and r[7] is None and r[8] is None and r.count(None) == 2:
+            # A valid request's row (seven values, no error): one f-string.
+            line = f"{r[0]}\t{r[1]}\t{r[2]}\t{r[3]}\t{r[4]}\t{r[5]}\t{r[6]}\t\\N\t\\N"
+            nulls = 2
+        else:
+            line = "\t".join([_NULL if v is None else v if type(v) is str else str(v) for v in r])
+            nulls = r.count(None)
+        # Most rows need no escaping: one tab per separator, a backslash only in each \N, no line break.
+        if line.count("\t") != len(r) - 1 or line.count("\\") != nulls or "\n" in line or "\r" in line:
+            line = "\t".join([_copy_field(v) for v in r])
+        append(line)
+    append("")
+    return "\n".join(lines)
 
 
 def _copy_field(v: Any) -> str:
     if v is None:
-        return "\\N"
-    s = str(v)
-    if "\\" in s or "\t" in s or "\n" in s or "\r" in s:
-        s = s.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
-    return s
+        return _NULL
+    return str(v).translate(_ESCAPES)

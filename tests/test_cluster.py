@@ -188,3 +188,31 @@ def test_killed_worker_work_moves(cluster) -> None:
     assert len(per_req) == 40 and all(c == 1 for _, c in per_req), logs
     assert "w24" in workers  # the surviving worker took over
     print(f"batch finished {recovered:.1f}s after the worker was killed")
+
+
+def test_schedule_due_now_writes_output_once(cluster) -> None:
+    from batchllm.store.db import session_scope
+    from batchllm.store.models import Batch
+
+    env, tmp = cluster["env"], cluster["tmp"]
+    inbox, outdir = tmp / "inbox", tmp / "outbox"
+    inbox.mkdir()
+    _write(inbox / "tonight.jsonl", [{"id": f"n{i}", "prompt": f"Number {i} is", "max_tokens": 4} for i in range(5)])
+    add = run_cli(["schedule", "add", "every-minute", "--cron", "* * * * *", "--input", str(inbox / "*.jsonl"),
+                   "--model", "test-small-8gb", "--output", str(outdir)], env)
+    assert add.returncode == 0, add.stderr
+    deadline = time.time() + 200
+    files: list[Path] = []
+    while time.time() < deadline and not files:
+        files = sorted(p for p in outdir.glob("every-minute-*.jsonl") if not p.name.endswith(".errors.jsonl")) if outdir.exists() else []
+        time.sleep(1)
+    assert run_cli(["schedule", "remove", "every-minute"], env).returncode == 0
+    assert files, f"no output file after 200 s:\n{cluster['sched_log'].read_text()[-2000:]}"
+    lines = [json.loads(x) for x in files[0].read_text().splitlines()]
+    assert [x["custom_id"] for x in lines] == [f"n{i}" for i in range(5)]
+    assert all(x["response"]["status_code"] == 200 for x in lines)
+    with session_scope(env["BATCHLLM_DATABASE_URL"]) as s:
+        keys = [b.idempotency_key for b in s.query(Batch).filter(Batch.idempotency_key.like("every-minute:%"))]
+    assert len(keys) == len(set(keys)) >= 1  # one batch per firing, never two for the same firing
+    names = sorted(p.name for p in outdir.glob("every-minute-*.jsonl") if not p.name.endswith(".errors.jsonl"))
+    assert len(names) <= len(keys)  # each firing wrote its file at most once

@@ -792,60 +792,109 @@ def test_cancel_during_a_run(cluster: Cluster, reliability: Any, tmp_path: Path)
 # ----------------------------------------------------------------------------- redelivery after the visibility timeout
 
 
-def test_message_redelivered_after_the_visibility_timeout_is_a_no_op(cluster: Cluster, reliability: Any) -> None:
-    """One 136-request chunk keeps its task busy feeding the engine (more than the 128 requests a worker keeps
-    waiting), so its message stays unacked for longer than the 2 s visibility timeout. The restore sweep that
-    every kombu consumer runs puts it back in the queue, the idle worker receives it, and the lease must make
-    that delivery a no-op: the chunk is claimed once and each result written once."""
-    from batchllm.queue import make_celery
+def test_chunks_outliving_the_visibility_timeout_run_once(cluster: Cluster, reliability: Any) -> None:
+    """Redis's visibility timeout is 2 s here; chunks run far longer.
 
+    1. A normal long chunk: its task hands the requests to the engine and returns at once, so the message is
+       acked long before the timeout and a restore sweep finds nothing to redeliver.
+    2. A 136-request chunk keeps its task busy feeding the engine (a worker keeps at most 128 requests waiting),
+       so its message stays unacked past the timeout. The restore sweep every kombu consumer runs puts it back,
+       a worker receives it again, and the lease must make that delivery a no-op.
+    Either way: the chunk is claimed once, the engine is fed it once, each result is written once.
+    """
     c = cluster
     c.ready(timeout=240)
-    n = 136
-    bid = c.submit(prompts(n, "vt", 96), env={"BATCHLLM_CHUNK_SIZE": "200"})
-    (chunk,) = c.chunks(bid)
     redis = c.redis.client()
+
+    def sweep() -> None:  # what an idle Celery worker's event loop does periodically, with our 2 s timeout
+        from batchllm.queue import make_celery
+
+        with make_celery(c.settings).connection_for_write() as conn:
+            conn.default_channel.qos.restore_visible(num=1000, interval=1)
+
+    def unacked_age(chunk_id: str) -> float | None:
+        """How long the chunk's message has been delivered and not acked (None: not in kombu's unacked set)."""
+        for tag, raw in redis.hgetall("unacked").items():
+            score = redis.zscore("unacked_index", tag)
+            if chunk_id.encode() in raw and score is not None:
+                return time.time() - score
+        return None
+
+    def deliveries(chunk_id: str, n: int) -> tuple[list[str], list[str]]:
+        """Worker log files with a task for the chunk that fed the engine / that was skipped."""
+        tag, fed, skipped = f"#{chunk_id[-6:]}", [], []
+        for path in c.log_files:
+            if path.name.startswith("fw-") and path.exists():
+                lines = [ln for ln in path.read_text(errors="replace").splitlines() if tag in ln and "succeeded" in ln]
+                fed += [path.name.split(".")[0] for ln in lines if f"'fed {n}'" in ln]
+                skipped += [path.name.split(".")[0] for ln in lines if "'skipped'" in ln]
+        return fed, skipped
+
+    # 1. a long chunk: 8 requests of 96 tokens
+    long_bid = c.submit(numbered(8, "vt-long", 96))
+    (long_ck,) = c.chunks(long_bid)
+    wait_until(lambda: c.leased_progress(long_bid), 60, "the long chunk to be claimed")
+    t0 = time.time()
+    time.sleep(VISIBILITY_S + 1)
+    still_running = c.status(long_bid) not in TERMINAL and c.n_results(long_bid) < 8
+    age = unacked_age(long_ck.id)
+    sweep()
+    t_long = c.wait_batch(long_bid, 120)
+    assert still_running, "the long chunk finished within the visibility timeout: make it longer"
+    assert age is None, f"a chunk's message stayed unacked {age:.1f}s while its requests ran"
+    fed, skipped = deliveries(long_ck.id, 8)
+    assert c.chunks(long_bid)[0].attempts == 1 and len(fed) == 1 and not skipped, (fed, skipped)
+    n1 = c.exactly_once(long_bid)
+    reliability.row(
+        f"A chunk running {t_long - t0:.0f} s with Redis's visibility timeout at {VISIBILITY_S} s "
+        "(BATCHLLM_VISIBILITY_TIMEOUT); a restore sweep while it ran",
+        "its message was acked as soon as the requests were in the engine, so the sweep had nothing to redeliver; "
+        "claimed once, fed once",
+        requests=n1[0], results=n1[1],
+    )
+
+    # 2. a chunk whose task holds its message past the timeout
+    n = 136
+    bid = c.submit(numbered(n, "vt", 64), env={"BATCHLLM_CHUNK_SIZE": "200"})
+    (chunk,) = c.chunks(bid)
     owner = wait_until(lambda: c.leased_progress(bid) and c.leased_progress(bid)[0][1], 60, "the chunk to be claimed")
     t_claim = time.time()
 
-    def stale_unacked() -> bool:
-        """Our chunk's message is in kombu's unacked set and older than the visibility timeout."""
-        for tag, raw in redis.hgetall("unacked").items():
-            score = redis.zscore("unacked_index", tag)
-            if chunk.id.encode() in raw and score is not None and time.time() - score > VISIBILITY_S + 0.5:
-                return True
-        return False
+    def held() -> str | None:
+        age = unacked_age(chunk.id)
+        if age is not None and age > VISIBILITY_S + 0.5:
+            return "held"
+        return "ended" if age is None and time.time() - t_claim > 5 else None
 
-    seen = wait_until(lambda: "unacked" if stale_unacked() else ("ended" if c.status(bid) in TERMINAL else None), 90,
-                      "the message to outlive the visibility timeout")
+    seen = wait_until(held, 90, "the message to outlive the visibility timeout")
     held_for = time.time() - t_claim
-    assert seen == "unacked", "the chunk's task returned before the visibility timeout: make the chunk longer"
-    with make_celery(c.settings).connection_for_write() as conn:
-        conn.default_channel.qos.restore_visible(num=100, interval=1)  # kombu's sweep, with our 2 s timeout
-    c.wait_batch(bid, 180)
+    assert seen == "held", "the chunk's task returned before the visibility timeout: make the chunk longer"
+    sweep()
+    c.wait_batch(bid, 240)
     n_req, n_res = c.exactly_once(bid)
     assert c.status(bid) == "completed"
     (after,) = c.chunks(bid)
     assert after.attempts == 1, f"the chunk was claimed {after.attempts} times"
-    tag = f"#{chunk.id[-6:]}"
-    fed: list[str] = []
-    skipped: list[str] = []  # log files (workers) that received the redelivered message
-    for path in c.log_files:
-        if path.name.startswith("fw-") and path.exists():
-            lines = [ln for ln in path.read_text(errors="replace").splitlines() if tag in ln and "succeeded" in ln]
-            fed += [path.name for ln in lines if f"'fed {n}'" in ln]
-            skipped += [path.name for ln in lines if "'skipped'" in ln]
+    fed, skipped = deliveries(chunk.id, n)
     assert len(fed) == 1, f"the engine was fed the chunk {len(fed)} times"
     assert skipped, "the redelivered message was not seen by any worker"
-    restored_to = ", ".join(sorted({s.split(".")[0] for s in skipped}))
     print(f"[faults] visibility timeout: message held {held_for:.1f}s > {VISIBILITY_S}s, redelivered, skipped")
     reliability.row(
-        f"Redis visibility timeout {VISIBILITY_S} s (BATCHLLM_VISIBILITY_TIMEOUT) shorter than a {n}-request chunk's "
-        f"task, which held its message unacked for {held_for:.1f} s; kombu's restore sweep put the message back",
-        f"redelivered {len(skipped)} time(s) while {owner} still ran the chunk; the claim UPDATE found a live lease, "
-        f"so the delivery was acked and skipped; engine fed once ({n} requests), chunk claimed once",
-        requests=n_req, results=n_res, extra=f"redelivery received by {restored_to}",
+        f"A {n}-request chunk whose task held its message unacked {held_for:.1f} s (> the {VISIBILITY_S} s visibility "
+        "timeout) while feeding a full engine; kombu's restore sweep put the message back in the queue",
+        f"redelivered while {owner} still ran the chunk; the atomic claim found a live lease, so the delivery was "
+        f"acked and skipped ({', '.join(sorted(set(skipped)))}); engine fed once, chunk claimed once, each result "
+        "written once",
+        requests=n_req, results=n_res,
     )
+
+
+def numbered(n: int, tag: str, max_tokens: int) -> list[dict[str, Any]]:
+    """Completions of number lists: the model keeps counting, so each request runs its full ``max_tokens``."""
+    return [
+        {"id": f"{tag}-{i}", "prompt": ", ".join(str(i + k) for k in range(6)) + ",", "max_tokens": max_tokens, "temperature": 0}
+        for i in range(n)
+    ]
 
 
 # ----------------------------------------------------------------------------- a model that cannot load

@@ -100,6 +100,7 @@ def submit(
             if res.invalid > 5:
                 err_console.print(f"  … and {res.invalid - 5} more; see the errors output")
         click.echo(res.batch_id)
+        _warn_if_unserved(res.models.values())
     if not wait_:
         if as_json:
             print_json(
@@ -120,6 +121,24 @@ def submit(
     if as_json:
         print_json(batch_view(st, res.batch_id))
     raise_for_outcome(final)
+
+
+def _warn_if_unserved(refs: Any) -> None:
+    """Say so when no live worker runs (or can be assigned) the batch's models, instead of a silent wait."""
+    from batchllm.store import workers as rows
+    from batchllm.store.db import session_scope
+
+    st = settings()
+    with session_scope(st.database_url) as s:
+        live = rows.live_workers(s, st.heartbeat_timeout)
+    unpinned = any(not w.pinned for w in live)
+    for ref in sorted(set(refs)):
+        if not any(w.model == ref for w in live) and not unpinned:
+            err_console.print(
+                f"note: no live worker runs {ref} yet; start `batchllm worker --model {ref.split('@')[0]}` "
+                "(or unpinned workers plus `batchllm scheduler`)",
+                highlight=False,
+            )
 
 
 @click.command()

@@ -50,6 +50,7 @@ class _State:
     deselected: int = 0
     started: float = field(default_factory=time.time)
     notes: list[str] = field(default_factory=list)
+    context: list[str] = field(default_factory=list)
 
 
 _STATE = _State()
@@ -84,6 +85,12 @@ class Recorder:
         """A line for the notes under the table (e.g. a measured setting)."""
         if text not in _STATE.notes:
             _STATE.notes.append(text)
+
+
+def add_context(text: str) -> None:
+    """A line for the bullet list above the table (e.g. the test cluster's timing settings)."""
+    if text not in _STATE.context:
+        _STATE.context.append(text)
 
 
 @pytest.fixture
@@ -171,11 +178,7 @@ def render() -> str:
         f"- Run: {now:%Y-%m-%d %H:%M %Z}, {platform.node() or 'host'}, {os.cpu_count()} CPU cores, "
         f"Python {platform.python_version()}; {n_pass} of {len(_STATE.selected)} fault tests passed in "
         f"{time.time() - _STATE.started:.0f} s.",
-        "- Timing settings of the test cluster: heartbeat every "
-        f"{os.environ.get('BATCHLLM_HEARTBEAT_INTERVAL', '?')} s, worker declared lost after "
-        f"{os.environ.get('BATCHLLM_HEARTBEAT_TIMEOUT', '?')} s, chunk lease "
-        f"{os.environ.get('BATCHLLM_LEASE_SECONDS', '?')} s, chunk size {os.environ.get('BATCHLLM_CHUNK_SIZE', '?')}"
-        " (production defaults: 5 s / 30 s / 30 s / 64, so production recovery times scale up accordingly).",
+        *[f"- {c}" for c in _STATE.context],
         "- *Recovery* is measured from the moment the fault was injected (or the service came back, where",
         "  stated) until the affected work was finished again.",
         "",

@@ -8,6 +8,8 @@ import socket
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from batchllm.errors import InputError
+
 
 @dataclass
 class DeviceInfo:
@@ -67,12 +69,23 @@ def cpu_device() -> DeviceInfo:
 
 
 def discover(cpu: bool, gpus: list[int] | None) -> list[DeviceInfo]:
-    """The devices this worker will use: the GPUs asked for (or all), else the CPU."""
-    if not cpu:
-        found = discover_gpus(gpus)
-        if found:
-            return found
-    return [cpu_device()]
+    """The devices this worker will use: the GPUs asked for (or all), else the CPU.
+
+    Raises:
+        InputError: ``--gpus`` names a GPU that NVML does not see (never silently fall back to the CPU).
+    """
+    if cpu:
+        return [cpu_device()]
+    found = discover_gpus(gpus)
+    if gpus is not None:
+        missing = sorted(set(gpus) - {d.index for d in found})
+        if missing:
+            seen = [d.index for d in discover_gpus(None)]
+            raise InputError(
+                f"--gpus {','.join(map(str, gpus))}: no GPU {','.join(map(str, missing))} "
+                f"(NVML sees {seen or 'no GPUs'}); use --cpu to run on the CPU"
+            )
+    return found or [cpu_device()]
 
 
 def short_gpu_name(name: str) -> str:
@@ -82,10 +95,20 @@ def short_gpu_name(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "", n) or "gpu"
 
 
+# Memory sizes cards are sold with (GB); NVML reports a little less (an A10G has 23,028 MiB).
+_CARD_SIZES = (1, 2, 3, 4, 6, 8, 10, 11, 12, 16, 20, 24, 32, 40, 48, 64, 80, 94, 96, 128, 141, 180, 192, 288)
+
+
+def card_size_gb(total_bytes: int) -> int:
+    """The size a card is sold as: 23,028 MiB (A10G) and 24,564 MiB (RTX 4090) → 24; 81,559 MiB (H100) → 80."""
+    gib = total_bytes / 2**30
+    return next((s for s in _CARD_SIZES if s >= gib * 0.99), round(gib))
+
+
 def worker_name(devices: list[DeviceInfo], capacity_bytes: int, model: str | None = None, host: str | None = None) -> str:
     """A name that says what the worker is: ``gpu0-a10g-24gb@host`` or ``cpu-24gb@host``."""
     host = host or socket.gethostname()
-    gb = round(capacity_bytes / 1e9)
+    gb = card_size_gb(capacity_bytes) if devices and devices[0].kind == "cuda" else round(capacity_bytes / 1e9)
     if devices and devices[0].kind == "cuda":
         idx = ",".join(str(d.index) for d in devices)
         return f"gpu{idx}-{short_gpu_name(devices[0].name)}-{gb}gb@{host}"

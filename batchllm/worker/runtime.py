@@ -2,9 +2,10 @@
 
 One process per GPU (or GPU group). The Celery task only claims a chunk and hands its requests to the
 engine loop; results are written by the loop as requests finish, and the heartbeat keeps the chunk's
-lease alive meanwhile. The task returns as soon as the engine has no more than ``feed_depth`` requests
-waiting, so Celery fetches the next chunk while the engine is still busy: the engine never idles at a
-chunk boundary.
+lease alive meanwhile. The task returns as soon as the engine has no more than its feed target of
+requests waiting (``feed_depth``, and never less than the engine's batch capacity), so Celery fetches the
+next chunk while the engine is still busy: the engine never idles at a chunk boundary, and small chunks
+run in as large a batch as one big chunk would.
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ class WorkerRuntime:
         identity: this worker.
         model_ref: ``name@variant`` loaded in the engine.
         engine: a started engine loop.
-        feed_depth: keep at most this many requests waiting in the engine before taking the next chunk.
+        feed_depth: keep at most this many requests waiting in the engine before taking the next chunk; raised to
+            the engine's batch capacity (vLLM ``max_num_seqs``) when smaller, see :meth:`feed_target`.
     """
 
     def __init__(self, settings: Settings, identity: WorkerIdentity, model_ref: str, engine: EngineLike, feed_depth: int) -> None:
@@ -74,6 +76,7 @@ class WorkerRuntime:
         self.model_ref = model_ref
         self.engine = engine
         self.feed_depth = feed_depth
+        self._capacity: int | None = None
         self.url = settings.database_url
         self.chunks_in_engine: dict[str, str] = {}  # chunk id → batch id
         self._lock = threading.Lock()
@@ -127,8 +130,20 @@ class WorkerRuntime:
             [EngineRequest(request_id=r.id, kind=r.kind, messages=r.messages, prompt=r.prompt, params=r.params) for r in reqs],
             self._on_results,
         )
-        self.engine.wait_below(self.feed_depth)
+        self.engine.wait_below(self.feed_target())
         return f"fed {len(reqs)}"
+
+    def feed_target(self) -> int:
+        """How many requests to keep in the engine before taking the next chunk.
+
+        ``feed_depth``, but at least as many as the engine runs at once (``max_num_seqs``): with less, small
+        chunks would run in small batches (chunk 16 with a depth of 2 x 16 keeps only ~48 requests in a 256-wide
+        batch). With this floor the engine's batch stays full and its own queue holds at most one chunk more,
+        so the backlog still waits in the broker, where priorities apply.
+        """
+        if self._capacity is None:
+            self._capacity = engine_capacity(self.engine)
+        return max(self.feed_depth, self._capacity)
 
     def _on_results(self, chunk_id: str, results: list[Any], done: bool) -> None:
         """Engine-loop callback: upsert finished results; on the chunk's last one, finish it."""
@@ -219,6 +234,19 @@ class WorkerRuntime:
         except Exception as e:
             log.warning("could not record shutdown: %s", mask_url(str(e))[:200])
         self.engine.stop()
+
+
+def engine_capacity(engine: Any) -> int:
+    """The engine's batch capacity (vLLM ``max_num_seqs``), or 0 when it cannot be told (a test stand-in)."""
+    cap = getattr(engine, "max_num_seqs", None)
+    if cap is None:  # EngineLoop: read it off the vLLM engine it owns
+        llm_engine = getattr(engine, "_engine", None)
+        scheduler = getattr(getattr(llm_engine, "vllm_config", None), "scheduler_config", None)
+        cap = getattr(scheduler, "max_num_seqs", None)
+    try:
+        return max(0, int(cap or 0))
+    except (TypeError, ValueError):
+        return 0
 
 
 _RUNTIME: WorkerRuntime | None = None

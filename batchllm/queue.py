@@ -150,6 +150,28 @@ def _chain(e: BaseException | None) -> Iterable[BaseException]:
         e = e.__cause__ or e.__context__
 
 
+SCHEDULER_KEY = "batchllm:scheduler:alive"
+
+
+def mark_scheduler_alive(app: Celery, ttl: float) -> None:
+    """The scheduler says it is running (a Redis key with a TTL), so submits let it meter out chunks."""
+    with app.connection_for_write() as conn:
+        client: Any = conn.default_channel.client  # type: ignore[attr-defined]
+        client.set(SCHEDULER_KEY, "1", ex=max(1, int(ttl)))
+
+
+def scheduler_alive(app: Celery) -> bool:
+    """Whether a scheduler marked itself alive recently (False on the in-process broker)."""
+    if str(app.conf.broker_url).startswith("memory:"):
+        return False
+    try:
+        with app.connection_for_read() as conn:
+            client: Any = conn.default_channel.client  # type: ignore[attr-defined]
+            return bool(client.exists(SCHEDULER_KEY))
+    except Exception:  # cannot tell: send everything, the safe default
+        return False
+
+
 def queue_depths(app: Celery, queues: Iterable[str]) -> dict[str, int]:
     """Messages waiting per queue (Redis LLEN over the priority sub-queues); used by metrics and reaping."""
     out: dict[str, int] = {}

@@ -391,10 +391,12 @@ def main() -> None:
         for r in runs:
             if r["mode"].startswith(("batchllm run", "distributed")):
                 ok = r["tok_per_s"] >= 0.95 * raw["tok_per_s"]
-                line = f"{r['mode']}: throughput {r['tok_per_s'] / raw['tok_per_s']:.3f} x raw (target >= 0.95: {'met' if ok else 'NOT met'})"
+                ratio = r["tok_per_s"] / raw["tok_per_s"]
+                line = f"{r['mode']}: throughput {ratio:.3f} x raw (target >= 0.95: {'met' if ok else 'NOT met'})"
                 if r["mode"].startswith("batchllm run"):
                     okw = r["wall_s"] <= 0.7 * peer["wall_s"]
-                    line += f"; wall {r['wall_s'] / peer['wall_s']:.2f} x run_batch (target <= 0.70: {'met' if okw else 'NOT met'})"
+                    wr = r["wall_s"] / peer["wall_s"]
+                    line += f"; wall {wr:.2f} x run_batch (target <= 0.70: {'met' if okw else 'NOT met'})"
                 print(line)
     args.json_out.write_text(json.dumps({"runs": runs, "settings": {
         "n": args.n, "max_tokens": args.max_tokens, "max_model_len": args.max_model_len, "kv_gib": args.kv_gib,

@@ -134,16 +134,16 @@ def insert_results(db_url: str, batch_id: str, limit: int | None = None) -> int:
         if is_sqlite(db_url):
             rows = [(rid, batch_id, 1, 200, f"{TEXT} ({rid})", "length", 24, 64, None, None, 812.5, f"{MODEL}@bf16",
                      "bench-worker", "cpu", 1, now) for rid in ids]
-            raw.executemany("INSERT INTO results (request_id, batch_id, ok, status_code, text, finish_reason, prompt_tokens, "
-                            "completion_tokens, error_code, error_message, latency_ms, model, worker, device, attempt, created_at) "
-                            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+            raw.executemany("INSERT INTO results (request_id, batch_id, ok, status_code, text, finish_reason, "
+                            "prompt_tokens, completion_tokens, error_code, error_message, latency_ms, model, worker, device, "
+                            "attempt, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
             return len(rows)
         cols = ("request_id, batch_id, ok, status_code, text, finish_reason, prompt_tokens, completion_tokens, latency_ms, "
                 "model, worker, device, attempt, created_at")
         with raw.cursor() as cur, cur.copy(f"COPY results ({cols}) FROM STDIN") as cp:
             for start in range(0, len(ids), 50_000):
-                cp.write("".join(f"{rid}\t{batch_id}\tt\t200\t{TEXT} ({rid})\tlength\t24\t64\t812.5\t{MODEL}@bf16\tbench-worker\tcpu\t1\t{now}\n"
-                                 for rid in ids[start:start + 50_000]))
+                cp.write("".join(f"{rid}\t{batch_id}\tt\t200\t{TEXT} ({rid})\tlength\t24\t64\t812.5\t{MODEL}@bf16\t"
+                                 f"bench-worker\tcpu\t1\t{now}\n" for rid in ids[start:start + 50_000]))
                 n = min(len(ids), start + 50_000)
     return n
 
@@ -187,7 +187,7 @@ def bench_backend(backend: str, args: argparse.Namespace, input_path: Path, smal
           f"{n_ck:,} chunks / {msgs:,} messages", flush=True)
 
     # the small batch first (for the flat-memory comparison), then results for both
-    wall_s, _, rc, err = run_child([*exe, "submit", str(small_path), "--model", MODEL], env)
+    _, _, rc, err = run_child([*exe, "submit", str(small_path), "--model", MODEL], env)
     if rc != 0:
         raise SystemExit(f"small submit failed ({rc}):\n{err}")
     small_id, small_n, _ = last_batch(db_url)
@@ -251,7 +251,8 @@ def main() -> None:
         if r["backend"] != "pg":
             continue
         s, e = r["submit"], r["export"]
-        print(f"targets (PostgreSQL): submit >= {TARGET_SUBMIT:,} lines/s: {'met' if s['lines_per_s'] >= TARGET_SUBMIT else 'NOT met'}; "
+        met_submit = "met" if s["lines_per_s"] >= TARGET_SUBMIT else "NOT met"
+        print(f"targets (PostgreSQL): submit >= {TARGET_SUBMIT:,} lines/s: {met_submit}; "
               f"submit RSS <= {TARGET_RSS_MB} MB: {'met' if s['peak_rss_mb'] <= TARGET_RSS_MB else 'NOT met'}; "
               f"results >= {TARGET_EXPORT:,} lines/s: {'met' if e['lines_per_s'] >= TARGET_EXPORT else 'NOT met'}")
     print(f"load average before {results['load_before'][0]:.2f}, after {results['load_after'][0]:.2f}")

@@ -153,6 +153,23 @@ def test_priority_overtakes_and_metrics_move(cluster) -> None:
     assert seen_rate > 0, "tokens/s metric never moved during the run"
 
 
+def test_equal_priority_batches_share_workers(cluster) -> None:
+    from batchllm.store.db import session_scope
+    from batchllm.store.models import Result
+
+    env, tmp = cluster["env"], cluster["tmp"]
+    first = run_cli(["submit", str(_write(tmp / "a.jsonl", _lines("test-small-8gb", 64, "a", 16)))], env)
+    second = run_cli(["submit", str(_write(tmp / "b.jsonl", _lines("test-small-8gb", 64, "b", 16))), "--wait"], env, timeout=600)
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    a_id, b_id = first.stdout.split()[0], second.stdout.split()[0]
+    run_cli(["status", a_id, "--watch"], env, timeout=600)
+    with session_scope(env["BATCHLLM_DATABASE_URL"]) as s:
+        b_first = s.scalar(select(func.min(Result.created_at)).where(Result.batch_id == b_id))
+        a_before = s.scalar(select(func.count()).select_from(Result).where(Result.batch_id == a_id, Result.created_at < b_first))
+    # FIFO would run (nearly) all of A before any of B; sharing starts B while most of A still waits.
+    assert a_before < 40, f"{a_before} of A's 64 requests finished before B's first"
+
+
 def test_killed_worker_work_moves(cluster) -> None:
     from batchllm.store.db import session_scope
     from batchllm.store.models import Result

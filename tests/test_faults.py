@@ -427,6 +427,83 @@ def kill_mid_chunk(c: Cluster, batch_id: str, timeout: float = 90) -> tuple[str,
     raise AssertionError(f"no chunk was caught half-written: {c.describe(batch_id)}")
 
 
+def sweep(c: Cluster) -> None:
+    """kombu's restore sweep (what every idle Celery worker runs periodically), with the cluster's 2 s timeout:
+    messages delivered and not acked for longer than the visibility timeout go back to their queue."""
+    from batchllm.queue import make_celery
+
+    with make_celery(c.settings).connection_for_write() as conn:
+        conn.default_channel.qos.restore_visible(num=1000, interval=1)
+
+
+def unacked(c: Cluster, chunk_id: str) -> tuple[float, str] | None:
+    """(seconds since delivery, Celery task id) of the chunk's message while it is delivered and not acked."""
+    redis = c.redis.client()
+    for tag, raw in redis.hgetall("unacked").items():
+        score = redis.zscore("unacked_index", tag)
+        if chunk_id.encode() in raw and score is not None:
+            return time.time() - score, json.loads(raw)[0]["headers"]["id"]
+    return None
+
+
+def held_past_timeout(c: Cluster, chunk_id: str, timeout: float = 90) -> tuple[str, float]:
+    """Wait until the chunk's message has been unacked longer than the visibility timeout; (task id, age)."""
+    start = time.time()
+
+    def check() -> tuple[str, float] | str | None:
+        msg = unacked(c, chunk_id)
+        if msg is not None and msg[0] > VISIBILITY_S + 0.5:
+            return msg[1], msg[0]
+        return "acked" if msg is None and time.time() - start > 5 else None
+
+    got = wait_until(check, timeout, "the message to outlive the visibility timeout")
+    assert got != "acked", "the task returned (acked its message) within the visibility timeout"
+    return got  # type: ignore[return-value]
+
+
+def deliveries(c: Cluster, task_id: str, n: int) -> tuple[list[str], list[str]]:
+    """The workers whose log shows the task feeding ``n`` requests to the engine / being skipped (a redelivered
+    message keeps its task id)."""
+    fed: list[str] = []
+    skipped: list[str] = []
+    for path in c.log_files:
+        if path.name.startswith("fw-") and path.exists():
+            lines = [ln for ln in path.read_text(errors="replace").splitlines() if task_id in ln and "succeeded" in ln]
+            fed += [path.name.split(".")[0] for ln in lines if f"'fed {n}'" in ln]
+            skipped += [path.name.split(".")[0] for ln in lines if "'skipped'" in ln]
+    return fed, skipped
+
+
+def fed_and_skipped(c: Cluster, task_id: str, n: int) -> tuple[list[str], list[str]] | None:
+    """``deliveries`` once the task was seen both feeding the engine and skipped, else None."""
+    fed, skipped = deliveries(c, task_id, n)
+    return (fed, skipped) if fed and skipped else None
+
+
+def store_unsent(c: Cluster, rows: list[dict[str, Any]]) -> tuple[str, list[Chunk]]:
+    """Store a batch through the real submit path without sending its messages (marked sent, so the scheduler
+    leaves it alone): the test delivers them when it wants to."""
+    from batchllm.services.submit import submit_file
+    from batchllm.store import leases
+
+    res = submit_file(c.settings, c.write_input(rows), app=None, model=MODEL)
+    chunks = c.chunks(res.batch_id)
+    with session_scope(c.db_url) as s:
+        leases.mark_dispatched(s, [ck.id for ck in chunks])
+    c.batches.append(res.batch_id)
+    return res.batch_id, chunks
+
+
+def send(c: Cluster, chunks: list[Chunk]) -> None:
+    """Send the chunks' ``run_chunk`` messages, as submit and the scheduler do."""
+    from batchllm.queue import ChunkMessage, dispatch, make_celery
+
+    dispatch(make_celery(c.settings), [
+        (ChunkMessage(chunk_id=ck.id, batch_id=ck.batch_id, model=ck.model, size=ck.size), ck.queue, ck.priority)
+        for ck in chunks
+    ])
+
+
 # ----------------------------------------------------------------------------- bad input (no cluster)
 
 
@@ -690,6 +767,7 @@ def test_database_stopped_and_started_mid_batch(cluster: Cluster, reliability: A
     c = cluster
     c.ready(timeout=240)
     bid = c.submit(prompts(40, "pg", lambda i: 4 + (i % 8) * 8))  # 4..60 tokens: results trickle in
+    late, (late_ck,) = store_unsent(c, prompts(8, "pg-late", 8))  # its message arrives during the outage
     wait_until(lambda: c.n_results(bid) > 0, 60, "the batch to start producing results")
     from batchllm.store.db import get_engine
 
@@ -697,7 +775,12 @@ def test_database_stopped_and_started_mid_batch(cluster: Cluster, reliability: A
     c.pg.stop("fast")  # every session is terminated
     t_down = time.time()
     get_engine(c.db_url).dispose()
-    time.sleep(8)
+    # A worker takes the late message and blocks in its claim (retrying); past the visibility timeout the
+    # sweep hands the message to the other worker, whose claim blocks too: both retry when the database is back.
+    send(c, [late_ck])
+    late_task, late_age = held_past_timeout(c, late_ck.id, timeout=6)
+    sweep(c)
+    time.sleep(max(0.0, 8 - (time.time() - t_down)))
     c.pg.start()
     t_up = time.time()
     names = c.serving()
@@ -710,10 +793,14 @@ def test_database_stopped_and_started_mid_batch(cluster: Cluster, reliability: A
     wait_until(heartbeats_back, 60, "both workers to heartbeat again")
     t_hb = time.time()
     t_done = c.wait_batch(bid, 150)
+    c.wait_batch(late, 60)
     n_req, n_res = c.exactly_once(bid)
-    assert c.status(bid) == "completed"
-    attempts = [ck.attempts for ck in c.chunks(bid)]
+    assert c.status(bid) == "completed" and c.status(late) == "completed"
+    c.exactly_once(late)
+    attempts = [ck.attempts for ck in c.chunks(bid) + c.chunks(late)]
     assert max(attempts) == 1, f"a chunk ran twice after the outage: {attempts}"
+    fed, skipped = wait_until(lambda: fed_and_skipped(c, late_task, 8), 30, "both deliveries of the late message to end")
+    assert len(fed) == 1 and len(skipped) == 1, (fed, skipped)
     logs = c.logs_text()
     retries = len(re.findall(r"database unavailable during (?:result write|claim)", logs))
     hb_fail = len(re.findall(r"heartbeat failed", logs))
@@ -729,6 +816,14 @@ def test_database_stopped_and_started_mid_batch(cluster: Cluster, reliability: A
         "declared lost, no chunk re-run; batch completed",
         recovery_s=recovery, requests=n_req, results=n_res, extra="recovery measured from the database's restart",
     )
+    reliability.row(
+        f"A chunk message delivered while the database was down: the worker's claim retried (task blocked, message "
+        f"unacked {late_age:.1f} s > the {VISIBILITY_S} s visibility timeout); kombu's sweep redelivered it to the "
+        "other worker, whose claim blocked too",
+        f"when the database came back both claims ran; the atomic UPDATE let exactly one win ({fed[0]} fed the engine), "
+        f"the other delivery was acked and skipped ({skipped[0]}); chunk claimed once, 8 results written once",
+        requests=8, results=8,
+    )
     reliability.note(f"PostgreSQL restart: {recovery:.1f} s from the database back to the batch completed "
                      "(write retries back off 0.5 s → 10 s).")
 
@@ -737,24 +832,11 @@ def test_database_stopped_and_started_mid_batch(cluster: Cluster, reliability: A
 
 
 def test_cancel_during_a_run(cluster: Cluster, reliability: Any, tmp_path: Path) -> None:
-    from batchllm.queue import ChunkMessage, dispatch, make_celery
-    from batchllm.services.submit import submit_file
-    from batchllm.store import leases
-
     c = cluster
     # Stored by the real submit path; 2 chunks are sent now, 3 stand for messages still queued behind busy
     # workers (marked sent, so the scheduler does not send them either), delivered after the cancel.
-    res = submit_file(c.settings, c.write_input(prompts(40, "cancel", lambda i: 4 + (i % 8) * 12)), app=None, model=MODEL)
-    bid = res.batch_id
-    chunks = c.chunks(bid)
-    with session_scope(c.db_url) as s:
-        leases.mark_dispatched(s, [ck.id for ck in chunks])
-    app = make_celery(c.settings)
-
-    def msgs(cks: list[Chunk]) -> list[tuple[ChunkMessage, str, int]]:
-        return [(ChunkMessage(chunk_id=ck.id, batch_id=bid, model=ck.model, size=ck.size), ck.queue, ck.priority) for ck in cks]
-
-    dispatch(app, msgs(chunks[:2]))
+    bid, chunks = store_unsent(c, prompts(40, "cancel", lambda i: 4 + (i % 8) * 12))
+    send(c, chunks[:2])
     wait_until(lambda: c.n_results(bid) > 0, 60, "the first results")
     proc = run_cli(["cancel", bid, "--json"], c.env, timeout=60)
     assert proc.returncode == 0, proc.stderr
@@ -762,7 +844,7 @@ def test_cancel_during_a_run(cluster: Cluster, reliability: Any, tmp_path: Path)
     at_cancel = json.loads(proc.stdout)
     running = [ck for ck in c.chunks(bid) if ck.status == "leased"]
     assert at_cancel["status"] == "cancelling" and running, f"nothing was running at the cancel: {at_cancel}"
-    dispatch(app, msgs(chunks[2:]))  # the late messages arrive after the cancel
+    send(c, chunks[2:])  # the late messages arrive after the cancel
     t_end = c.wait_batch(bid, 90)
     redis = c.redis.client()
     wait_until(lambda: sum(int(redis.llen(k)) for k in redis.keys("batchllm.*")) == 0, 30, "the late messages to be consumed")
@@ -808,38 +890,13 @@ def test_chunks_outliving_the_visibility_timeout_run_once(cluster: Cluster, reli
 
     1. A normal long chunk: its task hands the requests to the engine and returns at once, so the message is
        acked long before the timeout and a restore sweep finds nothing to redeliver.
-    2. A 136-request chunk keeps its task busy feeding the engine (a worker keeps at most 128 requests waiting),
-       so its message stays unacked past the timeout. The restore sweep every kombu consumer runs puts it back,
-       a worker receives it again, and the lease must make that delivery a no-op.
+    2. A chunk bigger than the engine's batch (vLLM's max_num_seqs, 256 here) keeps its task feeding until the
+       engine has room, so its message stays unacked past the timeout. The sweep puts it back, a worker receives
+       it again, and the lease must make that delivery a no-op.
     Either way: the chunk is claimed once, the engine is fed it once, each result is written once.
     """
     c = cluster
     c.ready(timeout=240)
-    redis = c.redis.client()
-
-    def sweep() -> None:  # what an idle Celery worker's event loop does periodically, with our 2 s timeout
-        from batchllm.queue import make_celery
-
-        with make_celery(c.settings).connection_for_write() as conn:
-            conn.default_channel.qos.restore_visible(num=1000, interval=1)
-
-    def unacked_age(chunk_id: str) -> float | None:
-        """How long the chunk's message has been delivered and not acked (None: not in kombu's unacked set)."""
-        for tag, raw in redis.hgetall("unacked").items():
-            score = redis.zscore("unacked_index", tag)
-            if chunk_id.encode() in raw and score is not None:
-                return time.time() - score
-        return None
-
-    def deliveries(chunk_id: str, n: int) -> tuple[list[str], list[str]]:
-        """Worker log files with a task for the chunk that fed the engine / that was skipped."""
-        tag, fed, skipped = f"#{chunk_id[-6:]}", [], []
-        for path in c.log_files:
-            if path.name.startswith("fw-") and path.exists():
-                lines = [ln for ln in path.read_text(errors="replace").splitlines() if tag in ln and "succeeded" in ln]
-                fed += [path.name.split(".")[0] for ln in lines if f"'fed {n}'" in ln]
-                skipped += [path.name.split(".")[0] for ln in lines if "'skipped'" in ln]
-        return fed, skipped
 
     # 1. a long chunk: 8 requests of 96 tokens
     long_bid = c.submit(numbered(8, "vt-long", 96))
@@ -848,13 +905,12 @@ def test_chunks_outliving_the_visibility_timeout_run_once(cluster: Cluster, reli
     t0 = time.time()
     time.sleep(VISIBILITY_S + 1)
     still_running = c.status(long_bid) not in TERMINAL and c.n_results(long_bid) < 8
-    age = unacked_age(long_ck.id)
-    sweep()
+    held_msg = unacked(c, long_ck.id)
+    sweep(c)
     t_long = c.wait_batch(long_bid, 120)
     assert still_running, "the long chunk finished within the visibility timeout: make it longer"
-    assert age is None, f"a chunk's message stayed unacked {age:.1f}s while its requests ran"
-    fed, skipped = deliveries(long_ck.id, 8)
-    assert c.chunks(long_bid)[0].attempts == 1 and len(fed) == 1 and not skipped, (fed, skipped)
+    assert held_msg is None, f"a chunk's message stayed unacked {held_msg[0]:.1f}s while its requests ran"
+    assert c.chunks(long_bid)[0].attempts == 1  # claims gate the engine: one claim, one run
     n1 = c.exactly_once(long_bid)
     reliability.row(
         f"A chunk running {t_long - t0:.0f} s with Redis's visibility timeout at {VISIBILITY_S} s "
@@ -865,34 +921,24 @@ def test_chunks_outliving_the_visibility_timeout_run_once(cluster: Cluster, reli
     )
 
     # 2. a chunk whose task holds its message past the timeout
-    n = 136
-    bid = c.submit(numbered(n, "vt", 96), env={"BATCHLLM_CHUNK_SIZE": "200"})
+    n = 272
+    bid = c.submit(numbered(n, "vt", 48), env={"BATCHLLM_CHUNK_SIZE": str(n)})
     (chunk,) = c.chunks(bid)
     owner = wait_until(lambda: c.leased_progress(bid) and c.leased_progress(bid)[0][1], 60, "the chunk to be claimed")
-    t_claim = time.time()
-
-    def held() -> str | None:
-        age = unacked_age(chunk.id)
-        if age is not None and age > VISIBILITY_S + 0.5:
-            return "held"
-        return "ended" if age is None and time.time() - t_claim > 5 else None
-
-    seen = wait_until(held, 90, "the message to outlive the visibility timeout")
-    held_for = time.time() - t_claim
-    assert seen == "held", "the chunk's task returned before the visibility timeout: make the chunk longer"
-    sweep()
-    c.wait_batch(bid, 240)
+    task_id, held_for = held_past_timeout(c, chunk.id)
+    sweep(c)
+    c.wait_batch(bid, 300)
     n_req, n_res = c.exactly_once(bid)
     assert c.status(bid) == "completed"
     (after,) = c.chunks(bid)
     assert after.attempts == 1, f"the chunk was claimed {after.attempts} times"
-    fed, skipped = deliveries(chunk.id, n)
+    fed, skipped = wait_until(lambda: fed_and_skipped(c, task_id, n), 30, "the redelivered message to be handled")
     assert len(fed) == 1, f"the engine was fed the chunk {len(fed)} times"
-    assert skipped, "the redelivered message was not seen by any worker"
     print(f"[faults] visibility timeout: message held {held_for:.1f}s > {VISIBILITY_S}s, redelivered, skipped")
     reliability.row(
-        f"A {n}-request chunk whose task held its message unacked {held_for:.1f} s (> the {VISIBILITY_S} s visibility "
-        "timeout) while feeding a full engine; kombu's restore sweep put the message back in the queue",
+        f"A {n}-request chunk (more than the engine's 256-sequence batch) whose task held its message unacked "
+        f"{held_for:.1f} s (> the {VISIBILITY_S} s visibility timeout) while feeding the engine; kombu's sweep put "
+        "the message back in the queue",
         f"redelivered while {owner} still ran the chunk; the atomic claim found a live lease, so the delivery was "
         f"acked and skipped ({', '.join(sorted(set(skipped)))}); engine fed once, chunk claimed once, each result "
         "written once",

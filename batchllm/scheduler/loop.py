@@ -41,7 +41,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 
 from batchllm.catalog import Catalog, load_catalog
 from batchllm.errors import BatchLLMError, ServiceUnavailable, mask_url
-from batchllm.queue import ChunkMessage, check_broker, dispatch, queue_depths, queue_name
+from batchllm.queue import ChunkMessage, check_broker, dispatch, mark_scheduler_alive, queue_depths, queue_name
 from batchllm.scheduler import schedules
 from batchllm.scheduler.metrics import SchedulerMetrics
 from batchllm.scheduler.placement import fits_ref, row_capacity
@@ -57,7 +57,8 @@ log = logging.getLogger(__name__)
 
 LOST = "lost"  # a worker whose heartbeat lapsed (not a WorkerState: the worker never says it of itself)
 RESEND_AFTER_S = 60.0  # a message younger than this is surely still in Redis or with a worker
-SUBMIT_GRACE_S = 10.0  # `batchllm submit` sends its own messages right after commit; don't race it
+SUBMIT_GRACE_S = 1.0  # `batchllm submit` sends its first chunks right after commit (a duplicate is harmless)
+DISPATCH_AHEAD = 4  # messages kept waiting in Redis per worker serving a queue; the rest wait in SQL
 AGE_WEIGHT_S = 600.0  # a chunk waiting this long counts double, so old low-priority work is not starved
 LOG_REPEAT_S = 60.0  # the same outage is logged again at most this often
 _LOAD_ERROR = re.compile(r"^could not load (\S+?): ")  # what worker.main writes to its row on a failed load
@@ -310,6 +311,7 @@ class Scheduler:
         if self.app is None:
             return {}
         check_broker(self.app)  # fails in well under a second when Redis is down; a read would retry for longer
+        mark_scheduler_alive(self.app, ttl=max(10.0, 5 * self.settings.scheduler_interval))
         open_batch = (Chunk.status == ChunkStatus.QUEUED, Batch.status == BatchStatus.IN_PROGRESS)
         stale_before = now - RESEND_AFTER_S
         with session_scope(self.url) as s:
@@ -321,10 +323,12 @@ class Scheduler:
         depths = queue_depths(self.app, list(queues))
         by_ref = {queues[q]: n for q, n in depths.items()}
         with session_scope(self.url) as s:
-            fresh = list(s.scalars(
+            # Priority first; then by chunk number, which interleaves batches of equal priority (A1 B1 A2 B2 …)
+            # so they share the workers instead of queueing one behind the other.
+            unsent = list(s.scalars(
                 select(Chunk).join(Batch, Batch.id == Chunk.batch_id)
                 .where(*open_batch, Chunk.dispatched_at.is_(None), Batch.started_at < now - SUBMIT_GRACE_S)
-                .order_by(Chunk.priority.desc(), Chunk.created_at, Chunk.seq)
+                .order_by(Chunk.priority.desc(), Chunk.seq, Chunk.created_at)
             ))
             waiting = s.execute(
                 select(Chunk.queue, Chunk.model, func.count(), func.sum(case((Chunk.dispatched_at < stale_before, 1), else_=0)))
@@ -339,6 +343,7 @@ class Scheduler:
                 .where(*open_batch, Chunk.queue.in_(lost), Chunk.dispatched_at < stale_before)
                 .order_by(Chunk.priority.desc(), Chunk.created_at, Chunk.seq)
             )) if lost else []
+        fresh = _meter(unsent, depths, serving)
         todo = fresh + resend
         if todo:
             dispatch(self.app, [(_message(c), c.queue, c.priority) for c in todo])
@@ -370,6 +375,23 @@ class Scheduler:
             if errors:
                 log.warning("scheduler tick: %s (will retry)", "; ".join(errors))
             self._last_log = (key, time.monotonic())
+
+
+def _meter(unsent: list[Chunk], depths: dict[str, int], serving: dict[str, int]) -> list[Chunk]:
+    """Keep about ``DISPATCH_AHEAD`` messages per serving worker in each queue; later chunks wait in SQL.
+
+    Holding the backlog in SQL, not Redis, is what lets a later priority-9 batch or a second batch of
+    equal priority get the next free worker.
+    """
+    room: dict[str, int] = {}
+    out = []
+    for c in unsent:
+        if c.queue not in room:
+            room[c.queue] = max(0, DISPATCH_AHEAD * max(1, serving.get(c.model, 0)) - depths.get(c.queue, 0))
+        if room[c.queue] > 0:
+            out.append(c)
+            room[c.queue] -= 1
+    return out
 
 
 def _looks_lost(depth: int, waiting: int, workers: int) -> bool:

@@ -21,7 +21,7 @@ from sqlalchemy.exc import IntegrityError
 from batchllm.catalog import Catalog, load_catalog
 from batchllm.errors import InputError, ModelNotFound
 from batchllm.formats import LineError, iter_raw_lines, parse_line_record
-from batchllm.queue import RUN_CHUNK, ChunkMessage, celery_priority, dispatch, queue_name
+from batchllm.queue import RUN_CHUNK, ChunkMessage, celery_priority, dispatch, queue_name, scheduler_alive
 from batchllm.settings import Settings
 from batchllm.status import BatchStatus, ChunkStatus
 from batchllm.store import leases
@@ -217,7 +217,10 @@ def submit_file(
         if stream is not sys.stdin.buffer:
             stream.close()
     if app is not None and result.chunks:
-        result.dispatched = dispatch_batch(settings, app, batch_id)
+        # With a scheduler running, it meters the rest out fairly (priority, then round-robin across batches);
+        # without one, every chunk is sent now so the batch runs on workers alone.
+        limit = FAIR_HEAD_CHUNKS if scheduler_alive(app) else None
+        result.dispatched = dispatch_batch(settings, app, batch_id, limit=limit)
     return result
 
 
@@ -303,13 +306,20 @@ def _resolve(settings: Settings, catalog: Catalog, names: dict[str, int], queue_
     return resolve_refs(settings, catalog, list(names), queue_anyway=queue_anyway)
 
 
-def dispatch_batch(settings: Settings, app: Celery, batch_id: str, only_undispatched: bool = True) -> int:
-    """Send a message for every queued chunk of a batch (in seq order) and record the time sent."""
+FAIR_HEAD_CHUNKS = 2  # chunks a submit sends itself while a scheduler meters out the rest
+
+
+def dispatch_batch(
+    settings: Settings, app: Celery, batch_id: str, only_undispatched: bool = True, limit: int | None = None
+) -> int:
+    """Send a message for the queued chunks of a batch (in seq order, the first ``limit`` or all) and record it."""
     with session_scope(settings.database_url) as s:
         q = (select(Chunk.id, Chunk.batch_id, Chunk.model, Chunk.size, Chunk.queue, Chunk.priority)
              .where(Chunk.batch_id == batch_id, Chunk.status == ChunkStatus.QUEUED).order_by(Chunk.seq))
         if only_undispatched:
             q = q.where(Chunk.dispatched_at.is_(None))
+        if limit is not None:
+            q = q.limit(limit)
         chunks = s.execute(q).all()
     msgs = [(ChunkMessage(chunk_id=c.id, batch_id=c.batch_id, model=c.model, size=c.size), c.queue, c.priority) for c in chunks]
     sent = dispatch_pipelined(app, msgs)
@@ -346,7 +356,7 @@ def dispatch_pipelined(app: Celery, messages: list[tuple[ChunkMessage, str, int]
                     app.send_task(
                         RUN_CHUNK, kwargs=kwargs, queue=queue, routing_key=queue, priority=celery_priority(priority),
                         producer=prod, retry=False, declare=[], argsrepr="()", kwargsrepr=repr(kwargs),
-                        shadow=f"run_chunk[{msg.model} {msg.batch_id} #{msg.chunk_id[-6:]} x{msg.size}]",
+                        shadow=f"run_chunk[{msg.model}]",  # as queue.dispatch names it (bounded for Flower)
                     )
         except Exception as e:
             if not _is_connection_error(e):

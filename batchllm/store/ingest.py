@@ -18,6 +18,7 @@ from batchllm.store.models import Request
 
 _COLS = ("batch_id", "line_no", "custom_id", "model", "kind", "chunk_id", "body", "error_code", "error_message")
 _COPY_SQL = f"COPY requests ({', '.join(_COLS)}) FROM STDIN"
+_SQLITE_INSERT = f"INSERT INTO requests ({', '.join(_COLS)}) VALUES ({', '.join('?' * len(_COLS))})"
 _NULL = "\\N"
 _ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
@@ -40,7 +41,9 @@ class RequestWriter:
         self.flush_every = flush_every
         self.rows: list[tuple[Any, ...]] = []
         self.written = 0
-        self._pg = session.get_bind().dialect.name == "postgresql"
+        dialect = session.get_bind().dialect.name
+        self._pg = dialect == "postgresql"
+        self._sqlite = dialect == "sqlite"
         self._copier: _CopyThread | None = None
 
     def add(self, row: tuple[Any, ...]) -> None:
@@ -68,13 +71,17 @@ class RequestWriter:
             return
         if self._pg:
             if self._copier is None:
-                raw: Any = self.session.connection().connection.dbapi_connection
-                self._copier = _CopyThread(raw)
+                self._copier = _CopyThread(self._dbapi_connection())
             self._copier.put(_copy_text(self.rows))
+        elif self._sqlite:  # the driver's executemany over plain tuples, on the session's own connection
+            self._dbapi_connection().executemany(_SQLITE_INSERT, self.rows)
         else:
             self.session.execute(insert(Request), [dict(zip(_COLS, r, strict=True)) for r in self.rows])
         self.written += len(self.rows)
         self.rows = []
+
+    def _dbapi_connection(self) -> Any:
+        return self.session.connection().connection.dbapi_connection
 
 
 class _CopyThread:
@@ -150,7 +157,7 @@ class _CopyThread:
 
 def _copy_text(rows: list[tuple[Any, ...]]) -> str:
     """Rows as COPY text: tab-separated, ``\\N`` for NULL, backslash escapes where needed."""
-    lines = []
+    lines: list[str] = []
     append = lines.append
     for r in rows:
         if len(r) == 9 and r[7] is None and r[8] is None and r.count(None) == 2:

@@ -30,7 +30,6 @@ import yaml
 from click.testing import CliRunner
 from pydantic import TypeAdapter
 
-from batchllm.errors import BatchLLMError
 from batchllm.settings import Settings, get_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -364,31 +363,11 @@ def test_systemd_analyze_verify(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------------- batchllm flower
 
 
-class _ErrorMappingGroup(click.Group):
-    """Stand-in for the CLI's error handling while ``batchllm.cli`` is not importable."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except BatchLLMError as e:
-            click.echo(f"error: {e.message}", err=True)
-            ctx.exit(e.exit_code)
-
-
 def cli() -> click.Group:
-    """``batchllm.cli.main`` once it registers ``flower``; until then a group that maps errors the same way."""
-    try:
-        from batchllm.cli import main
+    """The real ``batchllm`` command group."""
+    from batchllm.cli import main
 
-        if "flower" in main.commands:
-            return main
-    except ImportError:
-        pass
-    from batchllm.cli.ops import flower
-
-    group = _ErrorMappingGroup(name="batchllm")
-    group.add_command(flower)
-    return group
+    return main
 
 
 @pytest.fixture

@@ -160,6 +160,15 @@ def mark_scheduler_alive(app: Celery, ttl: float) -> None:
         client.set(SCHEDULER_KEY, "1", ex=max(1, int(ttl)))
 
 
+def broker_run_id(app: Celery) -> str | None:
+    """Redis's run_id: it changes when the server restarts (and, without persistence, forgets every message)."""
+    if str(app.conf.broker_url).startswith("memory:"):
+        return None
+    with app.connection_for_read() as conn:
+        client: Any = conn.default_channel.client  # type: ignore[attr-defined]
+        return str(client.info("server").get("run_id"))
+
+
 def scheduler_alive(app: Celery) -> bool:
     """Whether a scheduler marked itself alive recently (False on the in-process broker)."""
     if str(app.conf.broker_url).startswith("memory:"):

@@ -64,7 +64,7 @@ def worker(gpus: str | None, model: str | None, cpu: bool, advertise_vram: str |
         from batchllm.catalog import load_catalog
 
         ref, est = variant_for_worker(st, load_catalog(st), model, identity_capacity(identity))
-        err_console.print(f"{identity.name}: hosting {ref} ({est})", highlight=False)
+        err_console.print(f"{identity.name}: hosting {ref} ({est.reason})", highlight=False)
     else:
         err_console.print(f"{identity.name}: waiting for the scheduler to assign a model", highlight=False)
     raise SystemExit(run_worker(st, identity, ref, loglevel))

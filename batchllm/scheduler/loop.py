@@ -41,7 +41,15 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 
 from batchllm.catalog import Catalog, load_catalog
 from batchllm.errors import BatchLLMError, ServiceUnavailable, mask_url
-from batchllm.queue import ChunkMessage, check_broker, dispatch, mark_scheduler_alive, queue_depths, queue_name
+from batchllm.queue import (
+    ChunkMessage,
+    broker_run_id,
+    check_broker,
+    dispatch,
+    mark_scheduler_alive,
+    queue_depths,
+    queue_name,
+)
 from batchllm.scheduler import schedules
 from batchllm.scheduler.metrics import SchedulerMetrics
 from batchllm.scheduler.placement import fits_ref, row_capacity
@@ -96,6 +104,7 @@ class Scheduler:
         self._stop = threading.Event()
         self._last_log: tuple[str, float] = ("", 0.0)
         self._recover_after = 0.0
+        self._broker_run_id: str | None = None
 
     def tick(self) -> dict[str, Any]:
         """One pass (see the module docstring); returns what it did, with ``errors`` for failed steps."""
@@ -313,7 +322,11 @@ class Scheduler:
         check_broker(self.app)  # fails in well under a second when Redis is down; a read would retry for longer
         mark_scheduler_alive(self.app, ttl=max(10.0, 5 * self.settings.scheduler_interval))
         open_batch = (Chunk.status == ChunkStatus.QUEUED, Batch.status == BatchStatus.IN_PROGRESS)
-        stale_before = now - RESEND_AFTER_S
+        # A Redis that restarted (new run_id) kept nothing: every message sent before is gone, resend at once.
+        run_id = broker_run_id(self.app)
+        restarted = self._broker_run_id is not None and run_id != self._broker_run_id
+        self._broker_run_id = run_id
+        stale_before = now if restarted else now - RESEND_AFTER_S
         with session_scope(self.url) as s:
             refs = set(s.scalars(select(Chunk.model).where(Chunk.status == ChunkStatus.QUEUED).distinct()))
             live = worker_rows.live_workers(s, self.settings.heartbeat_timeout)
@@ -337,7 +350,7 @@ class Scheduler:
                 .group_by(Chunk.queue, Chunk.model)
             ).all()
             lost = [q for q, ref, n, stale in waiting
-                    if stale and _looks_lost(depths.get(q, 0), int(n), serving.get(ref, 0))]
+                    if restarted or (stale and _looks_lost(depths.get(q, 0), int(n), serving.get(ref, 0)))]
             resend = list(s.scalars(
                 select(Chunk).join(Batch, Batch.id == Chunk.batch_id)
                 .where(*open_batch, Chunk.queue.in_(lost), Chunk.dispatched_at < stale_before)

@@ -16,7 +16,9 @@ def register_tasks(app: Celery) -> None:
     """Register ``run_chunk`` on ``app``; messages with bad arguments are rejected, never executed."""
 
     @app.task(name=RUN_CHUNK, bind=True, acks_late=True, ignore_result=True)
-    def run_chunk(self: Any, **kwargs: Any) -> str:
+    def run_chunk(self: Any, *args: Any, **kwargs: Any) -> str:
+        if args:
+            raise Reject("malformed run_chunk message: positional arguments (takes chunk_id, batch_id, model, size)", False)
         try:
             msg = ChunkMessage.model_validate(kwargs)
         except ValidationError as e:

@@ -264,7 +264,10 @@ class Catalog:
         known = [*self._specs, *(a for s in self._specs.values() for a in s.aliases)]
         close = difflib.get_close_matches(name.strip().lower(), known, n=3, cutoff=0.5)
         hint = f"; did you mean {' or '.join(close)}?" if close else ""
-        raise ModelNotFound(f"unknown model {name!r}{hint} (known: {', '.join(self._specs)}; or a local model directory)")
+        raise ModelNotFound(
+            f"unknown model {name[:80]!r}{hint}; `batchllm models` lists the catalog "
+            "(add a model or an alias in BATCHLLM_MODELS_FILE, or give a local model directory)"
+        )
 
     def resolve(self, ref: str) -> tuple[ModelSpec, Variant | None]:
         """Look up ``name`` or ``name@variant``; the variant is None when none is pinned.

@@ -313,6 +313,21 @@ def run_distributed(args: argparse.Namespace, chunk: int) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ main
 
 
+def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per mode (in first-seen order): the median of each number over its repeats."""
+    import statistics
+
+    out: list[dict[str, Any]] = []
+    for mode in dict.fromkeys(r["mode"] for r in runs):
+        rs = [r for r in runs if r["mode"] == mode]
+        row: dict[str, Any] = {"mode": mode, "repeats": len(rs)}
+        for key in ("wall_s", "load_s", "gen_s", "tokens", "tok_per_s", "ok"):
+            vals = [r[key] for r in rs if r.get(key) is not None and r[key] == r[key]]
+            row[key] = statistics.median(vals) if vals else None
+        out.append(row)
+    return out
+
+
 def fmt(x: float | None, spec: str = ".1f") -> str:
     return "-" if x is None or x != x else format(x, spec)
 
@@ -333,6 +348,7 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/bl_compare")
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--raw-multiprocessing", action="store_true", help="also run raw vLLM with its engine-core process")
+    ap.add_argument("--repeat", type=int, default=1, help="rounds of all modes, interleaved; the table shows medians")
     ap.add_argument("--json-out", type=Path, default=Path("/tmp/bl_compare.json"))
     ap.add_argument("--_raw-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -363,24 +379,30 @@ def main() -> None:
               flush=True)
         args.json_out.write_text(json.dumps({"runs": runs}, indent=2))
 
-    if "raw" in modes:
-        record(run_raw(args))
-        if args.raw_multiprocessing:
-            record(run_raw(args, multiprocessing=True))
-    if "peer" in modes:
-        record(run_peer(args))
-    for chunk in chunks:
-        if "embedded" in modes:
-            record(run_embedded(args, chunk))
-        if "distributed" in modes:
-            record(run_distributed(args, chunk))
+    for rep in range(args.repeat):  # interleaved, so drifting background load hits every mode alike
+        if args.repeat > 1:
+            print(f"round {rep + 1}/{args.repeat}", flush=True)
+        if "raw" in modes:
+            record(run_raw(args))
+            if args.raw_multiprocessing:
+                record(run_raw(args, multiprocessing=True))
+        if "peer" in modes:
+            record(run_peer(args))
+        for chunk in chunks:
+            if "embedded" in modes:
+                record(run_embedded(args, chunk))
+            if "distributed" in modes:
+                record(run_distributed(args, chunk))
 
-    raw = next((r for r in runs if r["mode"] == "raw vLLM"), None)
-    peer = next((r for r in runs if r["mode"] == "vllm run_batch"), None)
+    summary = summarize(runs)
+    raw = next((r for r in summary if r["mode"] == "raw vLLM"), None)
+    peer = next((r for r in summary if r["mode"] == "vllm run_batch"), None)
     print()
+    if args.repeat > 1:
+        print(f"medians of {args.repeat} interleaved rounds:")
     print("| run | wall s | load s | gen tok/s | tok/s ÷ raw | tok/s ÷ run_batch | wall ÷ run_batch |")
     print("|---|---|---|---|---|---|---|")
-    for r in runs:
+    for r in summary:
         vs_raw = r["tok_per_s"] / raw["tok_per_s"] if raw else None
         vs_peer = r["tok_per_s"] / peer["tok_per_s"] if peer else None
         wall_peer = r["wall_s"] / peer["wall_s"] if peer else None
@@ -388,7 +410,7 @@ def main() -> None:
               f"{fmt(vs_peer, '.3f')} | {fmt(wall_peer, '.2f')} |")
     if raw and peer:
         print()
-        for r in runs:
+        for r in summary:
             if r["mode"].startswith(("batchllm run", "distributed")):
                 ok = r["tok_per_s"] >= 0.95 * raw["tok_per_s"]
                 ratio = r["tok_per_s"] / raw["tok_per_s"]
@@ -398,7 +420,7 @@ def main() -> None:
                     wr = r["wall_s"] / peer["wall_s"]
                     line += f"; wall {wr:.2f} x run_batch (target <= 0.70: {'met' if okw else 'NOT met'})"
                 print(line)
-    args.json_out.write_text(json.dumps({"runs": runs, "settings": {
+    args.json_out.write_text(json.dumps({"runs": runs, "medians": summary, "settings": {
         "n": args.n, "max_tokens": args.max_tokens, "max_model_len": args.max_model_len, "kv_gib": args.kv_gib,
         "max_num_seqs": MAX_NUM_SEQS, "max_num_batched_tokens": MAX_NUM_BATCHED_TOKENS}}, indent=2))
 

@@ -332,9 +332,9 @@ def test_flower_workers_page_in_browser(flower: Flower, seen: Seen, tmp_path: Pa
             assert page.url.endswith("/worker/" + urllib.parse.quote(seen.node, safe="")), page.url
             expect(page.locator("body")).to_contain_text(f"batchllm.{seen.ref}", timeout=30_000)
 
-            # the tasks page shows the readable names too
+            # the tasks page shows the readable names too (one per model; batch and chunk are in the kwargs)
             page.goto(flower.base + "/tasks", wait_until="networkidle")
-            expect(page.locator("body")).to_contain_text(seen.batch_id, timeout=30_000)
+            expect(page.locator("body")).to_contain_text(f"run_chunk[{seen.ref}]", timeout=30_000)
         finally:
             ctx.close()
 

@@ -127,7 +127,10 @@ class WorkerProc:
         self.log = log
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "batchllm", "worker", "--name", name, *args],
-            env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
+            env=env,
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
 
     def wait_state(self, db_url: str, states: tuple[str, ...] = ("ready", "busy"), timeout: float = 300) -> None:
@@ -171,9 +174,15 @@ def cpu_worker(cluster_env: dict[str, str], model_dir: Path, tmp_path_factory: p
     w.stop()
 
 
-def run_cli(args: list[str], env: dict[str, str], input: bytes | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    args: list[str], env: dict[str, str], input: bytes | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
     """Run the real ``batchllm`` CLI in a subprocess (as a user would)."""
     return subprocess.run(
-        [sys.executable, "-m", "batchllm", *args], env=env, input=input.decode() if input else None,
-        capture_output=True, text=True, timeout=timeout,
+        [sys.executable, "-m", "batchllm", *args],
+        env=env,
+        input=input.decode() if input else None,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )

@@ -51,7 +51,10 @@ def cluster(cluster_env: dict[str, str], model_dir: Path, tmp_path_factory: pyte
     sched_log = tmp / "scheduler.log"
     sched = subprocess.Popen(
         [sys.executable, "-m", "batchllm", "scheduler", "--interval", "0.5", "--metrics-port", str(port)],
-        env=env, stdout=sched_log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
+        env=env,
+        stdout=sched_log.open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     w16 = WorkerProc(["--cpu", "--advertise-vram", "16384MiB"], env, tmp / "w16.log", "w16")
     w24 = WorkerProc(["--cpu", "--advertise-vram", "24564MiB"], env, tmp / "w24.log", "w24")
@@ -69,7 +72,10 @@ def cluster(cluster_env: dict[str, str], model_dir: Path, tmp_path_factory: pyte
 
 
 def _lines(model: str, n: int, tag: str, max_tokens: int = 8) -> list[dict]:
-    return [{"id": f"{tag}{i}", "model": model, "messages": [{"role": "user", "content": f"Say {i}."}], "max_tokens": max_tokens} for i in range(n)]
+    return [
+        {"id": f"{tag}{i}", "model": model, "messages": [{"role": "user", "content": f"Say {i}."}], "max_tokens": max_tokens}
+        for i in range(n)
+    ]
 
 
 def _write(path: Path, rows: list[dict]) -> Path:
@@ -130,7 +136,9 @@ def test_priority_overtakes_and_metrics_move(cluster) -> None:
     low = run_cli(["submit", str(_write(tmp / "low.jsonl", _lines("test-small-8gb", 64, "l", 24))), "--priority", "0"], env)
     assert low.returncode == 0, low.stderr
     time.sleep(1.0)
-    high = run_cli(["submit", str(_write(tmp / "high.jsonl", _lines("test-small-8gb", 8, "h", 4))), "--priority", "9", "--wait"], env)
+    high = run_cli(
+        ["submit", str(_write(tmp / "high.jsonl", _lines("test-small-8gb", 8, "h", 4))), "--priority", "9", "--wait"], env
+    )
     assert high.returncode == 0, high.stderr
     low_id, high_id = low.stdout.split()[0], high.stdout.split()[0]
     seen_rate = 0.0
@@ -199,7 +207,9 @@ def test_killed_worker_work_moves(cluster) -> None:
         time.sleep(1)
     recovered = time.time() - killed_at
     with session_scope(url) as s:
-        per_req = s.execute(select(Result.request_id, func.count()).where(Result.batch_id == batch_id).group_by(Result.request_id)).all()
+        per_req = s.execute(
+            select(Result.request_id, func.count()).where(Result.batch_id == batch_id).group_by(Result.request_id)
+        ).all()
         workers = {w for (w,) in s.execute(select(Result.worker).where(Result.batch_id == batch_id))}
     logs = "\n".join(f"--- {p.name}\n{p.read_text()[-2500:]}" for p in (cluster["sched_log"], cluster["w24"].log))
     assert len(per_req) == 40 and all(c == 1 for _, c in per_req), logs
@@ -215,13 +225,31 @@ def test_schedule_due_now_writes_output_once(cluster) -> None:
     inbox, outdir = tmp / "inbox", tmp / "outbox"
     inbox.mkdir()
     _write(inbox / "tonight.jsonl", [{"id": f"n{i}", "prompt": f"Number {i} is", "max_tokens": 4} for i in range(5)])
-    add = run_cli(["schedule", "add", "every-minute", "--cron", "* * * * *", "--input", str(inbox / "*.jsonl"),
-                   "--model", "test-small-8gb", "--output", str(outdir)], env)
+    add = run_cli(
+        [
+            "schedule",
+            "add",
+            "every-minute",
+            "--cron",
+            "* * * * *",
+            "--input",
+            str(inbox / "*.jsonl"),
+            "--model",
+            "test-small-8gb",
+            "--output",
+            str(outdir),
+        ],
+        env,
+    )
     assert add.returncode == 0, add.stderr
     deadline = time.time() + 200
     files: list[Path] = []
     while time.time() < deadline and not files:
-        files = sorted(p for p in outdir.glob("every-minute-*.jsonl") if not p.name.endswith(".errors.jsonl")) if outdir.exists() else []
+        files = (
+            sorted(p for p in outdir.glob("every-minute-*.jsonl") if not p.name.endswith(".errors.jsonl"))
+            if outdir.exists()
+            else []
+        )
         time.sleep(1)
     assert run_cli(["schedule", "remove", "every-minute"], env).returncode == 0
     assert files, f"no output file after 200 s:\n{cluster['sched_log'].read_text()[-2000:]}"

@@ -30,8 +30,17 @@ def test_run_without_redis_korean_round_trip(model_dir: Path, tmp_path: Path) ->
     src = tmp_path / "mixed.jsonl"
     lines = [
         {"id": "ko", "messages": [{"role": "user", "content": "안녕하세요! 한국어로 인사해 주세요."}], "max_tokens": 16},
-        {"custom_id": "oa", "method": "POST", "url": "/v1/chat/completions",
-         "body": {"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "What is 2+2?"}], "max_tokens": 8, "temperature": 0}},
+        {
+            "custom_id": "oa",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {
+                "model": "smollm2-135m-instruct",
+                "messages": [{"role": "user", "content": "What is 2+2?"}],
+                "max_tokens": 8,
+                "temperature": 0,
+            },
+        },
         {"id": "한국어-아이디", "prompt": "The weather today is", "max_tokens": 8},
         {"id": "bad", "prompt": "x", "max_tokens": -1},
     ]
@@ -55,8 +64,16 @@ def _results(db: Path) -> dict[int, tuple]:
 
 def test_killed_run_resumes_without_redoing_finished(model_dir: Path, tmp_path: Path) -> None:
     src = tmp_path / "long.jsonl"
-    rows = [{"id": f"r{i}", "messages": [{"role": "user", "content": f"Tell a long story about the number {i}."}],
-             "max_tokens": 4 + 6 * i, "temperature": 0, "stop": []} for i in range(48)]  # finish one after another
+    rows = [
+        {
+            "id": f"r{i}",
+            "messages": [{"role": "user", "content": f"Tell a long story about the number {i}."}],
+            "max_tokens": 4 + 6 * i,
+            "temperature": 0,
+            "stop": [],
+        }
+        for i in range(48)
+    ]  # finish one after another
     src.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
     db = tmp_path / "run.db"
     env = _env(tmp_path)

@@ -26,7 +26,7 @@ def test_upgrade_fresh_postgresql() -> None:
         cur = run_cli(["db", "current"], env)
         assert cur.stdout.strip().endswith("0001")
         engine = create_engine(url.replace("postgresql://", "postgresql+psycopg://"))
-        assert TABLES <= set(inspect(engine).get_table_names())
+        assert set(inspect(engine).get_table_names()) >= TABLES
         engine.dispose()
         assert run_cli(["db", "upgrade"], env).returncode == 0  # idempotent
     finally:
@@ -38,5 +38,5 @@ def test_upgrade_fresh_sqlite(tmp_path: Path) -> None:
     env = dict(os.environ, BATCHLLM_DATABASE_URL=f"sqlite:///{db}")
     up = run_cli(["db", "upgrade"], env)
     assert up.returncode == 0, up.stderr
-    assert TABLES <= set(inspect(create_engine(f"sqlite:///{db}")).get_table_names())
+    assert set(inspect(create_engine(f"sqlite:///{db}")).get_table_names()) >= TABLES
     assert run_cli(["db", "current"], env).stdout.strip().endswith("0001")

@@ -24,19 +24,39 @@ def mixed_lines(n: int = 52) -> list[dict]:
         if i % 4 == 0:
             out.append({"id": f"s{i}", "prompt": f"Write one sentence about {topic}.", "max_tokens": 12, "temperature": 0})
         elif i % 4 == 1:
-            out.append({"id": f"s{i}", "messages": [{"role": "user", "content": f"Describe {topic} in five words."}], "max_tokens": 12})
+            out.append(
+                {"id": f"s{i}", "messages": [{"role": "user", "content": f"Describe {topic} in five words."}], "max_tokens": 12}
+            )
         elif i % 4 == 2:
-            out.append({"custom_id": f"o{i}", "method": "POST", "url": "/v1/chat/completions",
-                        "body": {"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": f"Name a color of {topic}."}],
-                                 "max_tokens": 12, "temperature": 0}})
+            out.append(
+                {
+                    "custom_id": f"o{i}",
+                    "method": "POST",
+                    "url": "/v1/chat/completions",
+                    "body": {
+                        "model": "smollm2-135m-instruct",
+                        "messages": [{"role": "user", "content": f"Name a color of {topic}."}],
+                        "max_tokens": 12,
+                        "temperature": 0,
+                    },
+                }
+            )
         else:
-            out.append({"custom_id": f"o{i}", "method": "POST", "url": "/v1/completions",
-                        "body": {"model": "smollm2-135m-instruct", "prompt": f"A short poem about {topic}:", "max_tokens": 12}})
+            out.append(
+                {
+                    "custom_id": f"o{i}",
+                    "method": "POST",
+                    "url": "/v1/completions",
+                    "body": {"model": "smollm2-135m-instruct", "prompt": f"A short poem about {topic}:", "max_tokens": 12},
+                }
+            )
     return out
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in rows), encoding="utf-8")
+    path.write_text(
+        "".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in rows), encoding="utf-8"
+    )
     return path
 
 
@@ -67,7 +87,11 @@ def test_mixed_file_end_to_end(cpu_worker, cluster_env, tmp_path: Path) -> None:
         assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
         assert body["model"] == "smollm2-135m-instruct"
     # real generation: the model says different things to different prompts
-    texts = {(g["response"]["body"]["choices"][0].get("message") or {}).get("content") or g["response"]["body"]["choices"][0].get("text") for g in got}
+    texts = {
+        (g["response"]["body"]["choices"][0].get("message") or {}).get("content")
+        or g["response"]["body"]["choices"][0].get("text")
+        for g in got
+    }
     assert len(texts) > 10
     status = run_cli(["status", batch_id, "--json"], cluster_env)
     view = json.loads(status.stdout)
@@ -87,7 +111,9 @@ def test_invalid_lines_and_overlong_prompt_fail_alone(cpu_worker, cluster_env, t
     ]
     src = write_jsonl(tmp_path / "bad.jsonl", rows)
     out, err = tmp_path / "out.jsonl", tmp_path / "err.jsonl"
-    proc = run_cli(["submit", str(src), "-m", "smollm2-135m-instruct", "--wait", "-o", str(out), "--errors", str(err)], cluster_env)
+    proc = run_cli(
+        ["submit", str(src), "-m", "smollm2-135m-instruct", "--wait", "-o", str(out), "--errors", str(err)], cluster_env
+    )
     assert proc.returncode == 3, proc.stderr  # finished, some requests failed
     assert "bad.jsonl:2:" in proc.stderr  # the summary names file and line
     ok = read_jsonl(out)
@@ -121,13 +147,25 @@ def test_chunk_run_twice_leaves_one_result_per_request(cpu_worker, cluster_env, 
         chunks = list(s.scalars(select(Chunk).where(Chunk.batch_id == batch_id)))
         assert len(chunks) == 2 and all(c.status == "done" for c in chunks)
         first = chunks[0]
-        before = {rid: txt for rid, txt in s.execute(
-            select(Result.request_id, Result.text).join(Request, Request.id == Result.request_id).where(Request.batch_id == batch_id))}
+        before = {
+            rid: txt
+            for rid, txt in s.execute(
+                select(Result.request_id, Result.text)
+                .join(Request, Request.id == Result.request_id)
+                .where(Request.batch_id == batch_id)
+            )
+        }
         ids = [r for (r,) in s.execute(select(Request.id).where(Request.chunk_id == first.id).order_by(Request.line_no))]
         # Simulate a worker that died after writing half the chunk: its lease expired, half the results exist.
         s.execute(Result.__table__.delete().where(Result.request_id.in_(ids[:4])))
-        s.execute(update(Chunk).where(Chunk.id == first.id).values(status="leased", lease_owner="dead-worker", lease_expires_at=time.time() - 1))
-        s.execute(update(Chunk).where(Chunk.id == chunks[1].id).values(status="queued", dispatched_at=None))  # a done chunk redelivered
+        s.execute(
+            update(Chunk)
+            .where(Chunk.id == first.id)
+            .values(status="leased", lease_owner="dead-worker", lease_expires_at=time.time() - 1)
+        )
+        s.execute(
+            update(Chunk).where(Chunk.id == chunks[1].id).values(status="queued", dispatched_at=None)
+        )  # a done chunk redelivered
     from batchllm.store.models import Batch
 
     with session_scope(url) as s:

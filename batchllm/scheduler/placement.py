@@ -95,7 +95,8 @@ def resolve_refs(settings: Settings, catalog: Catalog, names: list[str], queue_a
             caps = [row_capacity(w) for w in known]
             if caps and not queue_anyway and not any(estimate(spec, pinned, c, **kw).fits for c in caps):
                 raise NoCapacity(
-                    f"{explain(spec, caps, util, variant=pinned)} (for variant {pinned.name}); add --queue-anyway to queue it regardless"
+                    f"{explain(spec, caps, util, variant=pinned)} (for variant {pinned.name}); "
+                    "add --queue-anyway to queue it regardless"
                 )
             continue
         loaded = sorted({w.model for w in live if w.model and w.model.split("@", 1)[0] == spec.name})

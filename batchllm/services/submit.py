@@ -296,7 +296,8 @@ def _check_file_level(result: SubmitResult, input_name: str, strict: bool, sha: 
     if strict and result.invalid:
         first = result.errors[0]
         raise InputError(
-            f"{input_name}:{first.line_no}: {first.message} ({result.invalid} invalid line(s); --strict rejects the file, nothing was stored)"
+            f"{input_name}:{first.line_no}: {first.message} "
+            f"({result.invalid} invalid line(s); --strict rejects the file, nothing was stored)"
         )
 
 

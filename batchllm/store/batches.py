@@ -6,11 +6,12 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from sqlalchemy import and_, case, func, insert, select, update
+from sqlalchemy import and_, case, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from batchllm.errors import NotFound
 from batchllm.status import TERMINAL_BATCH, BatchStatus, ChunkStatus
+from batchllm.store.db import rowcount
 from batchllm.store.models import Batch, Chunk, Request, Result
 
 
@@ -83,24 +84,33 @@ def maybe_finalize(session: Session, batch_id: str) -> str | None:
     else:
         return None
     res = session.execute(
-        update(Batch)
-        .where(Batch.id == batch_id, Batch.status == batch.status)
-        .values(status=new, finished_at=now)
+        update(Batch).where(Batch.id == batch_id, Batch.status == batch.status).values(status=new, finished_at=now)
     )
-    return new if res.rowcount else None
+    return new if rowcount(res) else None
 
 
 def _fill_missing(session: Session, batch_id: str, code: str, message: str) -> int:
     """Give every request without a result an error result, so counts add up after cancel/expiry."""
-    missing = select(
-        Request.id, Request.batch_id, Request.model
-    ).outerjoin(Result, Result.request_id == Request.id).where(
-        Request.batch_id == batch_id, Request.error_code.is_(None), Result.request_id.is_(None)
+    missing = (
+        select(Request.id, Request.batch_id, Request.model)
+        .outerjoin(Result, Result.request_id == Request.id)
+        .where(Request.batch_id == batch_id, Request.error_code.is_(None), Result.request_id.is_(None))
     )
     now = time.time()
     rows = [
-        {"request_id": rid, "batch_id": bid, "ok": False, "status_code": 0, "error_code": code, "error_message": message,
-         "model": model, "created_at": now, "prompt_tokens": 0, "completion_tokens": 0, "attempt": 0}
+        {
+            "request_id": rid,
+            "batch_id": bid,
+            "ok": False,
+            "status_code": 0,
+            "error_code": code,
+            "error_message": message,
+            "model": model,
+            "created_at": now,
+            "prompt_tokens": 0,
+            "completion_tokens": 0,
+            "attempt": 0,
+        }
         for rid, bid, model in session.execute(missing)
     ]
     if rows:
@@ -138,9 +148,19 @@ def fail_chunks(session: Session, ref: str, code: str, message: str, status_code
             .where(Request.chunk_id.in_([cid for cid, _ in done]), Request.error_code.is_(None), Result.request_id.is_(None))
         )
         rows = [
-            {"request_id": rid, "batch_id": bid, "ok": False, "status_code": status_code, "error_code": code,
-             "error_message": message, "model": model, "created_at": now, "prompt_tokens": 0, "completion_tokens": 0,
-             "attempt": 0}
+            {
+                "request_id": rid,
+                "batch_id": bid,
+                "ok": False,
+                "status_code": status_code,
+                "error_code": code,
+                "error_message": message,
+                "model": model,
+                "created_at": now,
+                "prompt_tokens": 0,
+                "completion_tokens": 0,
+                "attempt": 0,
+            }
             for rid, bid, model in session.execute(missing)
         ]
         if rows:
@@ -170,7 +190,7 @@ def expire(session: Session, batch_id: str) -> bool:
         .where(Batch.id == batch_id, Batch.status.in_([BatchStatus.IN_PROGRESS, BatchStatus.VALIDATING]))
         .values(status=BatchStatus.EXPIRED, finished_at=time.time())
     )
-    if not res.rowcount:
+    if not rowcount(res):
         return False
     session.execute(
         update(Chunk)
@@ -207,16 +227,24 @@ def retry_failed(session: Session, batch_id: str, chunk_size: int) -> list[Chunk
         for i in range(0, len(ids), chunk_size):
             part = ids[i : i + chunk_size]
             seq += 1
-            ck = Chunk(id=new_chunk_id(), batch_id=batch_id, model=ref, queue=queue, seq=seq, size=len(part),
-                       priority=batch.priority, status=ChunkStatus.QUEUED, created_at=now, attempts=0)
+            ck = Chunk(
+                id=new_chunk_id(),
+                batch_id=batch_id,
+                model=ref,
+                queue=queue,
+                seq=seq,
+                size=len(part),
+                priority=batch.priority,
+                status=ChunkStatus.QUEUED,
+                created_at=now,
+                attempts=0,
+            )
             session.add(ck)
             session.flush()
             session.execute(update(Request).where(Request.id.in_(part)).values(chunk_id=ck.id))
-            session.execute(Result.__table__.delete().where(and_(Result.request_id.in_(part))))
+            session.execute(delete(Result).where(and_(Result.request_id.in_(part))))
             chunks.append(ck)
-    session.execute(
-        update(Batch).where(Batch.id == batch_id).values(status=BatchStatus.IN_PROGRESS, finished_at=None)
-    )
+    session.execute(update(Batch).where(Batch.id == batch_id).values(status=BatchStatus.IN_PROGRESS, finished_at=None))
     return chunks
 
 

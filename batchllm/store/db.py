@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Iterator
 from functools import lru_cache
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from sqlalchemy import Engine, create_engine, event, inspect
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -18,6 +18,11 @@ from batchllm.errors import InputError, ServiceUnavailable, mask_url
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+def rowcount(result: Any) -> int:
+    """Rows an UPDATE/DELETE matched (typed access to ``CursorResult.rowcount``)."""
+    return int(getattr(result, "rowcount", 0) or 0)
 
 
 def normalize_url(url: str) -> str:

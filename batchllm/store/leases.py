@@ -13,6 +13,7 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from batchllm.status import ChunkStatus
+from batchllm.store.db import rowcount
 from batchllm.store.models import Chunk
 
 
@@ -31,7 +32,7 @@ def claim(session: Session, chunk_id: str, owner: str, ttl: float) -> Chunk | No
         .values(status=ChunkStatus.LEASED, lease_owner=owner, lease_expires_at=now + ttl, attempts=Chunk.attempts + 1)
         .execution_options(synchronize_session=False)
     )
-    if res.rowcount != 1:
+    if rowcount(res) != 1:
         return None
     return session.get(Chunk, chunk_id, populate_existing=True)
 
@@ -44,7 +45,7 @@ def extend(session: Session, owner: str, ttl: float) -> int:
         .values(lease_expires_at=time.time() + ttl)
         .execution_options(synchronize_session=False)
     )
-    return int(res.rowcount or 0)
+    return rowcount(res)
 
 
 def finish(session: Session, chunk_id: str) -> bool:
@@ -55,7 +56,7 @@ def finish(session: Session, chunk_id: str) -> bool:
         .values(status=ChunkStatus.DONE, finished_at=time.time(), lease_expires_at=None)
         .execution_options(synchronize_session=False)
     )
-    return bool(res.rowcount)
+    return bool(rowcount(res))
 
 
 def release(session: Session, chunk_id: str, owner: str) -> bool:
@@ -66,7 +67,7 @@ def release(session: Session, chunk_id: str, owner: str) -> bool:
         .values(status=ChunkStatus.QUEUED, lease_owner=None, lease_expires_at=None, dispatched_at=None)
         .execution_options(synchronize_session=False)
     )
-    return bool(res.rowcount)
+    return bool(rowcount(res))
 
 
 def release_owner(session: Session, owner: str) -> list[Chunk]:
@@ -80,9 +81,7 @@ def release_owner(session: Session, owner: str) -> list[Chunk]:
 def reap_expired(session: Session) -> list[Chunk]:
     """Re-queue chunks whose lease has lapsed; the caller re-dispatches them."""
     now = time.time()
-    chunks = list(
-        session.scalars(select(Chunk).where(Chunk.status == ChunkStatus.LEASED, Chunk.lease_expires_at < now))
-    )
+    chunks = list(session.scalars(select(Chunk).where(Chunk.status == ChunkStatus.LEASED, Chunk.lease_expires_at < now)))
     out = []
     for ck in chunks:
         res = session.execute(
@@ -91,7 +90,7 @@ def reap_expired(session: Session) -> list[Chunk]:
             .values(status=ChunkStatus.QUEUED, lease_owner=None, lease_expires_at=None, dispatched_at=None)
             .execution_options(synchronize_session=False)
         )
-        if res.rowcount:
+        if rowcount(res):
             out.append(ck)
     return out
 
@@ -101,10 +100,12 @@ def undispatched(session: Session, older_than: float) -> list[Chunk]:
     cutoff = time.time() - older_than
     return list(
         session.scalars(
-            select(Chunk).where(
+            select(Chunk)
+            .where(
                 Chunk.status == ChunkStatus.QUEUED,
                 or_(Chunk.dispatched_at.is_(None), Chunk.dispatched_at < cutoff),
-            ).order_by(Chunk.priority.desc(), Chunk.created_at)
+            )
+            .order_by(Chunk.priority.desc(), Chunk.created_at)
         )
     )
 
@@ -113,6 +114,8 @@ def mark_dispatched(session: Session, chunk_ids: list[str]) -> None:
     """Record when messages were sent, so lost ones can be told apart from waiting ones."""
     if chunk_ids:
         session.execute(
-            update(Chunk).where(Chunk.id.in_(chunk_ids)).values(dispatched_at=time.time())
+            update(Chunk)
+            .where(Chunk.id.in_(chunk_ids))
+            .values(dispatched_at=time.time())
             .execution_options(synchronize_session=False)
         )

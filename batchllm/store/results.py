@@ -18,8 +18,20 @@ from sqlalchemy.orm import Session
 from batchllm.store.models import Chunk, Request, Result
 
 _UPDATABLE = (
-    "ok", "status_code", "text", "finish_reason", "prompt_tokens", "completion_tokens", "error_code",
-    "error_message", "latency_ms", "model", "worker", "device", "attempt", "created_at",
+    "ok",
+    "status_code",
+    "text",
+    "finish_reason",
+    "prompt_tokens",
+    "completion_tokens",
+    "error_code",
+    "error_message",
+    "latency_ms",
+    "model",
+    "worker",
+    "device",
+    "attempt",
+    "created_at",
 )
 
 
@@ -61,7 +73,15 @@ def pending_requests(session: Session, chunk_id: str) -> list[PendingRequest]:
     out = []
     for rid, kind, body in rows:
         data = json.loads(body or "{}")
-        out.append(PendingRequest(id=rid, kind=kind or "chat", messages=data.get("messages"), prompt=data.get("prompt"), params=data.get("params") or {}))
+        out.append(
+            PendingRequest(
+                id=rid,
+                kind=kind or "chat",
+                messages=data.get("messages"),
+                prompt=data.get("prompt"),
+                params=data.get("params") or {},
+            )
+        )
     return out
 
 
@@ -102,25 +122,83 @@ def iter_export(session: Session, batch_id: str, page: int = 5000) -> Iterator[E
 
 #: The columns of an export tuple, in order (see :func:`export_row`).
 EXPORT_COLUMNS = (
-    Request.id, Request.line_no, Request.custom_id, Request.kind, Request.model, Request.error_code,
-    Request.error_message, Result.request_id, Result.ok, Result.status_code, Result.model, Result.created_at,
-    Result.text, Result.finish_reason, Result.prompt_tokens, Result.completion_tokens, Result.error_code,
-    Result.error_message, Result.worker, Result.device, Result.latency_ms,
+    Request.id,
+    Request.line_no,
+    Request.custom_id,
+    Request.kind,
+    Request.model,
+    Request.error_code,
+    Request.error_message,
+    Result.request_id,
+    Result.ok,
+    Result.status_code,
+    Result.model,
+    Result.created_at,
+    Result.text,
+    Result.finish_reason,
+    Result.prompt_tokens,
+    Result.completion_tokens,
+    Result.error_code,
+    Result.error_message,
+    Result.worker,
+    Result.device,
+    Result.latency_ms,
 )
 
 
 def export_row(t: Sequence[Any]) -> ExportRow:
     """An export tuple (``EXPORT_COLUMNS``) as the line's ``ExportRow``."""
-    (rid, line_no, cid, kind, req_model, v_code, v_msg, res_id, ok, code, model, created, text, finish,
-     ptok, ctok, e_code, e_msg, worker, device, latency) = t
+    (
+        rid,
+        line_no,
+        cid,
+        kind,
+        req_model,
+        v_code,
+        v_msg,
+        res_id,
+        ok,
+        code,
+        model,
+        created,
+        text,
+        finish,
+        ptok,
+        ctok,
+        e_code,
+        e_msg,
+        worker,
+        device,
+        latency,
+    ) = t
     if v_code is not None:  # rejected at validation
-        return ExportRow(rid, line_no, cid, kind, True, False, 400, req_model, None, None, None, 0, 0, v_code, v_msg,
-                         None, None, None)
+        return ExportRow(
+            rid, line_no, cid, kind, True, False, 400, req_model, None, None, None, 0, 0, v_code, v_msg, None, None, None
+        )
     if res_id is None:
-        return ExportRow(rid, line_no, cid, kind, False, False, None, req_model, None, None, None, 0, 0, None, None,
-                         None, None, None)
-    return ExportRow(rid, line_no, cid, kind, True, bool(ok), code or None, model or req_model, created, text, finish,
-                     ptok or 0, ctok or 0, e_code, e_msg, worker, device, latency)
+        return ExportRow(
+            rid, line_no, cid, kind, False, False, None, req_model, None, None, None, 0, 0, None, None, None, None, None
+        )
+    return ExportRow(
+        rid,
+        line_no,
+        cid,
+        kind,
+        True,
+        bool(ok),
+        code or None,
+        model or req_model,
+        created,
+        text,
+        finish,
+        ptok or 0,
+        ctok or 0,
+        e_code,
+        e_msg,
+        worker,
+        device,
+        latency,
+    )
 
 
 _END = object()

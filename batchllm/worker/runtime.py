@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from batchllm.errors import FatalError, mask_url
 from batchllm.queue import ChunkMessage
@@ -33,7 +33,7 @@ from batchllm.store.results import pending_requests, upsert_results
 log = logging.getLogger(__name__)
 
 
-class EngineLike:
+class EngineLike(Protocol):
     """The slice of ``EngineLoop`` the runtime uses (a test stand-in implements the same)."""
 
     def submit(self, group: str, requests: list[Any], on_results: Callable[[str, list[Any], bool], None]) -> None: ...

@@ -8,8 +8,8 @@ For each backend (PostgreSQL via COPY, SQLite via executemany; Redis is the brok
 1. a fresh database (PostgreSQL: ``--pg-db`` is dropped and re-created; SQLite: a file under /tmp) and a
    flushed Redis database (``--redis``, default db 9);
 2. ``batchllm submit FILE --model smollm2-135m-instruct`` as a subprocess, timed from start to exit; its peak
-   RSS comes from ``os.wait4`` (the child's own ``ru_maxrss``). Checked: every line stored, one Celery message
-   per chunk in Redis;
+   RSS is its own ``ru_maxrss``, taken by ``/usr/bin/time`` (see ``run_child``). Checked: every line stored, one
+   Celery message per chunk in Redis;
 3. one synthetic result per request inserted directly (COPY on PostgreSQL; not timed), then
    ``batchllm results BATCH -o OUT`` as a subprocess, timed; peak RSS as above. Checked: one output line per
    request. "Flat memory" is shown by running the export on a tenth of the lines too and comparing peak RSS.

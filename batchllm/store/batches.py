@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import and_, case, delete, func, insert, select, update
 from sqlalchemy.orm import Session
@@ -91,10 +92,15 @@ def maybe_finalize(session: Session, batch_id: str) -> str | None:
 
 def _fill_missing(session: Session, batch_id: str, code: str, message: str) -> int:
     """Give every request without a result an error result, so counts add up after cancel/expiry."""
+    return _error_results(session, Request.batch_id == batch_id, code, message, status_code=0)
+
+
+def _error_results(session: Session, scope: Any, code: str, message: str, status_code: int) -> int:
+    """Insert an error result for each request in ``scope`` that passed validation and has no result yet."""
     missing = (
         select(Request.id, Request.batch_id, Request.model)
         .outerjoin(Result, Result.request_id == Request.id)
-        .where(Request.batch_id == batch_id, Request.error_code.is_(None), Result.request_id.is_(None))
+        .where(scope, Request.error_code.is_(None), Result.request_id.is_(None))
     )
     now = time.time()
     rows = [
@@ -102,7 +108,7 @@ def _fill_missing(session: Session, batch_id: str, code: str, message: str) -> i
             "request_id": rid,
             "batch_id": bid,
             "ok": False,
-            "status_code": 0,
+            "status_code": status_code,
             "error_code": code,
             "error_message": message,
             "model": model,
@@ -142,29 +148,7 @@ def fail_chunks(session: Session, ref: str, code: str, message: str, status_code
         if not done:
             continue
         batch_ids.update(bid for _, bid in done)
-        missing = (
-            select(Request.id, Request.batch_id, Request.model)
-            .outerjoin(Result, Result.request_id == Request.id)
-            .where(Request.chunk_id.in_([cid for cid, _ in done]), Request.error_code.is_(None), Result.request_id.is_(None))
-        )
-        rows = [
-            {
-                "request_id": rid,
-                "batch_id": bid,
-                "ok": False,
-                "status_code": status_code,
-                "error_code": code,
-                "error_message": message,
-                "model": model,
-                "created_at": now,
-                "prompt_tokens": 0,
-                "completion_tokens": 0,
-                "attempt": 0,
-            }
-            for rid, bid, model in session.execute(missing)
-        ]
-        if rows:
-            session.execute(insert(Result), rows)
+        _error_results(session, Request.chunk_id.in_([cid for cid, _ in done]), code, message, status_code)
     return sorted(batch_ids)
 
 

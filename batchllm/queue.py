@@ -6,6 +6,7 @@ has its own queue, so a worker only ever receives work for the model it has load
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterable
 from functools import lru_cache
@@ -16,6 +17,8 @@ from pydantic import BaseModel, Field
 
 from batchllm.errors import ServiceUnavailable
 from batchllm.settings import Settings
+
+log = logging.getLogger(__name__)
 
 RUN_CHUNK = "batchllm.run_chunk"
 QUEUE_PREFIX = "batchllm."
@@ -101,34 +104,37 @@ def check_broker(app: Celery) -> None:
         raise ServiceUnavailable("Redis", url, type(e).__name__) from e
 
 
-def dispatch(app: Celery, messages: Iterable[tuple[ChunkMessage, str, int]]) -> int:
-    """Send one ``run_chunk`` task per chunk on one connection.
+_PIPELINE_GROUP = 500  # messages per Redis round trip
 
-    Args:
-        app: the Celery app.
-        messages: ``(message, queue, priority 0-9)`` triples.
 
-    Returns:
-        How many messages were sent.
-    """
+def _send(app: Celery, prod: Any, msg: ChunkMessage, queue: str, priority: int, **options: Any) -> None:
+    """Build and publish one ``run_chunk`` task with Celery (task-sent events for Flower included)."""
+    kwargs = msg.model_dump()
+    app.send_task(
+        RUN_CHUNK,
+        kwargs=kwargs,
+        queue=queue,
+        routing_key=queue,
+        priority=celery_priority(priority),
+        producer=prod,
+        argsrepr="()",
+        kwargsrepr=repr(kwargs),
+        # Flower shows this name; batch, chunk and size are in the kwargs. One name per model keeps
+        # Flower's per-task-name metrics bounded on a cluster that runs millions of chunks.
+        shadow=f"run_chunk[{msg.model}]",
+        **options,
+    )
+
+
+def _dispatch_one_by_one(app: Celery, messages: Iterable[tuple[ChunkMessage, str, int]]) -> int:
+    """Send messages one at a time with Celery's publish retries; outages become ``ServiceUnavailable``."""
     sent = 0
     url = str(app.conf.broker_url)
+    retry_policy = {"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2}
     try:
         with app.producer_or_acquire() as prod:
             for msg, queue, priority in messages:
-                app.send_task(
-                    RUN_CHUNK,
-                    kwargs=msg.model_dump(),
-                    queue=queue,
-                    routing_key=queue,
-                    priority=celery_priority(priority),
-                    producer=prod,
-                    retry=True,
-                    retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2},
-                    # Flower shows this name; batch, chunk and size are in the kwargs. One name per model keeps
-                    # Flower's per-task-name metrics bounded on a cluster that runs millions of chunks.
-                    shadow=f"run_chunk[{msg.model}]",
-                )
+                _send(app, prod, msg, queue, priority, retry=True, retry_policy=retry_policy)
                 sent += 1
     except ServiceUnavailable:
         raise
@@ -136,6 +142,46 @@ def dispatch(app: Celery, messages: Iterable[tuple[ChunkMessage, str, int]]) -> 
         if _is_connection_error(e):
             raise ServiceUnavailable("Redis", url, type(e).__name__) from e
         raise
+    return sent
+
+
+def dispatch(app: Celery, messages: Iterable[tuple[ChunkMessage, str, int]]) -> int:
+    """Send one ``run_chunk`` task per chunk, ``_PIPELINE_GROUP`` messages per Redis round trip.
+
+    kombu's publish batch (a Redis pipeline) buffers the commands, so a 15,000-chunk batch costs ~30 round
+    trips instead of ~30,000. A group whose pipeline fails on a connection error is sent again one message
+    at a time with retries; a chunk whose message arrives twice is run once (the lease decides), so
+    resending a group whose delivery is uncertain is safe.
+
+    Args:
+        app: the Celery app.
+        messages: ``(message, queue, priority 0-9)`` triples.
+
+    Returns:
+        How many messages were sent.
+
+    Raises:
+        ServiceUnavailable: Redis stays unreachable.
+    """
+    items = list(messages)
+    sent = 0
+    declared: set[str] = set()
+    for start in range(0, len(items), _PIPELINE_GROUP):
+        group = items[start : start + _PIPELINE_GROUP]
+        try:
+            with app.producer_or_acquire() as prod, prod.batch(4 * len(group) + 16):
+                for msg, queue, priority in group:
+                    if queue not in declared:  # declare each queue once, not once per message
+                        prod.maybe_declare(app.amqp.queues[queue])
+                        declared.add(queue)
+                    _send(app, prod, msg, queue, priority, retry=False, declare=[])
+        except Exception as e:
+            if not _is_connection_error(e):
+                raise
+            log.warning("pipelined dispatch failed (%s); sending %d messages one by one", type(e).__name__, len(group))
+            declared.clear()
+            _dispatch_one_by_one(app, group)
+        sent += len(group)
     return sent
 
 

@@ -21,7 +21,7 @@ from sqlalchemy.exc import IntegrityError
 from batchllm.catalog import Catalog, load_catalog
 from batchllm.errors import InputError, ModelNotFound
 from batchllm.formats import LineError, iter_raw_lines, parse_line_record
-from batchllm.queue import RUN_CHUNK, ChunkMessage, celery_priority, dispatch, queue_name, scheduler_alive
+from batchllm.queue import ChunkMessage, dispatch, queue_name, scheduler_alive
 from batchllm.settings import Settings
 from batchllm.status import BatchStatus, ChunkStatus
 from batchllm.store import leases
@@ -323,47 +323,7 @@ def dispatch_batch(
             q = q.limit(limit)
         chunks = s.execute(q).all()
     msgs = [(ChunkMessage(chunk_id=c.id, batch_id=c.batch_id, model=c.model, size=c.size), c.queue, c.priority) for c in chunks]
-    sent = dispatch_pipelined(app, msgs)
+    sent = dispatch(app, msgs)
     with session_scope(settings.database_url) as s:
         leases.mark_dispatched(s, [c.id for c in chunks])
-    return sent
-
-
-_PIPELINE_GROUP = 500  # messages per Redis round trip
-
-
-def dispatch_pipelined(app: Celery, messages: list[tuple[ChunkMessage, str, int]]) -> int:
-    """``queue.dispatch`` for many messages: the same Celery tasks, sent ``_PIPELINE_GROUP`` per Redis round trip.
-
-    Each message is built by Celery's ``send_task`` (task-sent events for Flower included), but kombu's
-    publish batch (a Redis pipeline) buffers the LPUSH/PUBLISH commands, so a 15,000-chunk batch costs
-    ~30 round trips instead of ~30,000. A group whose pipeline fails on a connection error is sent again
-    one message at a time with ``queue.dispatch``'s retries; a chunk whose message arrives twice is run once
-    (the lease decides), so resending a group whose delivery is uncertain is safe.
-    """
-    from batchllm.queue import _is_connection_error
-
-    sent = 0
-    declared: set[str] = set()
-    for start in range(0, len(messages), _PIPELINE_GROUP):
-        group = messages[start:start + _PIPELINE_GROUP]
-        try:
-            with app.producer_or_acquire() as prod, prod.batch(4 * len(group) + 16):
-                for msg, queue, priority in group:
-                    if queue not in declared:  # declare each queue once, not once per message
-                        prod.maybe_declare(app.amqp.queues[queue])
-                        declared.add(queue)
-                    kwargs = msg.model_dump()
-                    app.send_task(
-                        RUN_CHUNK, kwargs=kwargs, queue=queue, routing_key=queue, priority=celery_priority(priority),
-                        producer=prod, retry=False, declare=[], argsrepr="()", kwargsrepr=repr(kwargs),
-                        shadow=f"run_chunk[{msg.model}]",  # as queue.dispatch names it (bounded for Flower)
-                    )
-        except Exception as e:
-            if not _is_connection_error(e):
-                raise
-            log.warning("pipelined dispatch failed (%s); sending %d messages one by one", type(e).__name__, len(group))
-            declared.clear()
-            dispatch(app, group)  # retries, and raises ServiceUnavailable (exit 5) if Redis stays down
-        sent += len(group)
     return sent

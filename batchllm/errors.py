@@ -9,19 +9,39 @@ from __future__ import annotations
 
 import re
 
-_URL_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@/\s]+)@")
+_SCHEME = re.compile(r"[a-zA-Z][a-zA-Z0-9+.\-]*://")
+_URL_END = re.compile(r"[\s'\"<>]")
 
 
 def mask_url(text: str) -> str:
-    """Replace passwords inside any URLs of ``text`` with ``***``.
+    """Replace the passwords of any URLs in ``text`` with ``***``, whatever characters they hold.
+
+    A password may contain ``/``, ``@``, ``:`` or ``?`` (base64 secrets do), so the user part of a URL is taken
+    up to its *last* ``@``, and everything after the first ``:`` of it is masked.
 
     Args:
         text: a URL or any message that may contain URLs.
 
     Returns:
-        The text with ``scheme://user:password@`` rewritten to ``scheme://user:***@``.
+        The text with ``scheme://user:password@host`` rewritten to ``scheme://user:***@host``.
     """
-    return _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
+    out: list[str] = []
+    pos = 0
+    for m in _SCHEME.finditer(text):
+        if m.start() < pos:
+            continue
+        end_m = _URL_END.search(text, m.end())
+        end = end_m.start() if end_m else len(text)
+        rest = text[m.end() : end]
+        at = rest.rfind("@")
+        colon = rest.find(":", 0, at) if at > 0 else -1
+        if colon < 0:
+            continue
+        out.append(text[pos : m.end() + colon + 1])
+        out.append("***")
+        pos = m.end() + at
+    out.append(text[pos:])
+    return "".join(out)
 
 
 class BatchLLMError(Exception):
@@ -75,12 +95,29 @@ class ServiceUnavailable(RetryableError):
 
     def __init__(self, what: str, url: str, detail: str = "") -> None:
         self.url = mask_url(url)
+        self.service = "database" if _env(what) == "DATABASE_URL" else "broker"
         tail = f" ({detail})" if detail else ""
         super().__init__(f"cannot reach {what} at {self.url}{tail}; is it running? check BATCHLLM_{_env(what)}")
 
 
 def _env(what: str) -> str:
     return "BROKER_URL" if what.lower().startswith(("redis", "broker")) else "DATABASE_URL"
+
+
+class StateError(InputError):
+    """An action the object's current state does not allow (retry a running batch, cancel a finished one)."""
+
+
+class StaleLease(RetryableError):
+    """A write by a process that no longer holds the chunk's lease (another owner or attempt has it): refused."""
+
+
+class NotLeader(RetryableError):
+    """This scheduler is not (or no longer) the active one; it stands by."""
+
+
+class NameTaken(InputError):
+    """A worker name a live worker already uses."""
 
 
 class BatchFailed(BatchLLMError):

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -16,7 +17,9 @@ from celery import Celery
 from pydantic import BaseModel, Field
 
 from batchllm.errors import ServiceUnavailable
+from batchllm.outages import Service, outage_of
 from batchllm.settings import Settings
+from batchllm.store.dispatch import ChunkRef
 
 log = logging.getLogger(__name__)
 
@@ -100,52 +103,53 @@ def check_broker(app: Celery) -> None:
     try:
         with app.connection_for_write() as conn:
             conn.ensure_connection(max_retries=1, interval_start=0.2, interval_step=0.2, timeout=3)
-    except Exception as e:  # kombu raises several OperationalError flavours
+    except Exception as e:
+        if outage_of(e) is not Service.BROKER:
+            raise
         raise ServiceUnavailable("Redis", url, type(e).__name__) from e
 
 
 _PIPELINE_GROUP = 500  # messages per Redis round trip
 
 
-def _send(app: Celery, prod: Any, msg: ChunkMessage, queue: str, priority: int, **options: Any) -> None:
+def message(ref: ChunkRef) -> ChunkMessage:
+    """The ``run_chunk`` arguments of a chunk (the one place they are built)."""
+    return ChunkMessage(chunk_id=ref.id, batch_id=ref.batch_id, model=ref.model, size=ref.size)
+
+
+def _send(app: Celery, prod: Any, ref: ChunkRef, **options: Any) -> None:
     """Build and publish one ``run_chunk`` task with Celery (task-sent events for Flower included)."""
-    kwargs = msg.model_dump()
+    kwargs = message(ref).model_dump()
     app.send_task(
         RUN_CHUNK,
         kwargs=kwargs,
-        queue=queue,
-        routing_key=queue,
-        priority=celery_priority(priority),
+        queue=ref.queue,
+        routing_key=ref.queue,
+        priority=celery_priority(ref.priority),
         producer=prod,
         argsrepr="()",
         kwargsrepr=repr(kwargs),
         # Flower shows this name; batch, chunk and size are in the kwargs. One name per model keeps
         # Flower's per-task-name metrics bounded on a cluster that runs millions of chunks.
-        shadow=f"run_chunk[{msg.model}]",
+        shadow=f"run_chunk[{ref.model}]",
         **options,
     )
 
 
-def _dispatch_one_by_one(app: Celery, messages: Iterable[tuple[ChunkMessage, str, int]]) -> int:
+def _dispatch_one_by_one(app: Celery, refs: Iterable[ChunkRef]) -> None:
     """Send messages one at a time with Celery's publish retries; outages become ``ServiceUnavailable``."""
-    sent = 0
-    url = str(app.conf.broker_url)
     retry_policy = {"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2}
     try:
         with app.producer_or_acquire() as prod:
-            for msg, queue, priority in messages:
-                _send(app, prod, msg, queue, priority, retry=True, retry_policy=retry_policy)
-                sent += 1
-    except ServiceUnavailable:
-        raise
+            for ref in refs:
+                _send(app, prod, ref, retry=True, retry_policy=retry_policy)
     except Exception as e:
-        if _is_connection_error(e):
-            raise ServiceUnavailable("Redis", url, type(e).__name__) from e
+        if outage_of(e) is Service.BROKER:
+            raise ServiceUnavailable("Redis", str(app.conf.broker_url), type(e).__name__) from e
         raise
-    return sent
 
 
-def dispatch(app: Celery, messages: Iterable[tuple[ChunkMessage, str, int]]) -> int:
+def dispatch(app: Celery, refs: Sequence[ChunkRef]) -> int:
     """Send one ``run_chunk`` task per chunk, ``_PIPELINE_GROUP`` messages per Redis round trip.
 
     kombu's publish batch (a Redis pipeline) buffers the commands, so a 15,000-chunk batch costs ~30 round
@@ -153,86 +157,78 @@ def dispatch(app: Celery, messages: Iterable[tuple[ChunkMessage, str, int]]) -> 
     at a time with retries; a chunk whose message arrives twice is run once (the lease decides), so
     resending a group whose delivery is uncertain is safe.
 
-    Args:
-        app: the Celery app.
-        messages: ``(message, queue, priority 0-9)`` triples.
-
     Returns:
         How many messages were sent.
 
     Raises:
         ServiceUnavailable: Redis stays unreachable.
     """
-    items = list(messages)
-    sent = 0
     declared: set[str] = set()
-    for start in range(0, len(items), _PIPELINE_GROUP):
-        group = items[start : start + _PIPELINE_GROUP]
+    for start in range(0, len(refs), _PIPELINE_GROUP):
+        group = refs[start : start + _PIPELINE_GROUP]
         try:
             with app.producer_or_acquire() as prod, prod.batch(4 * len(group) + 16):
-                for msg, queue, priority in group:
-                    if queue not in declared:  # declare each queue once, not once per message
-                        prod.maybe_declare(app.amqp.queues[queue])
-                        declared.add(queue)
-                    _send(app, prod, msg, queue, priority, retry=False, declare=[])
+                for ref in group:
+                    if ref.queue not in declared:  # declare each queue once, not once per message
+                        prod.maybe_declare(app.amqp.queues[ref.queue])
+                        declared.add(ref.queue)
+                    _send(app, prod, ref, retry=False, declare=[])
         except Exception as e:
-            if not _is_connection_error(e):
+            if outage_of(e) is not Service.BROKER:
                 raise
             log.warning("pipelined dispatch failed (%s); sending %d messages one by one", type(e).__name__, len(group))
             declared.clear()
             _dispatch_one_by_one(app, group)
-        sent += len(group)
-    return sent
+    return len(refs)
 
 
-def _is_connection_error(e: BaseException) -> bool:
-    names = {type(x).__name__ for x in _chain(e)}
-    return bool(names & {"OperationalError", "ConnectionError", "ConnectionRefusedError", "TimeoutError", "OSError"})
+def _depth_keys(queue: str) -> list[str]:
+    """The Redis lists of a queue: kombu keeps one per priority step (``sep`` is ``:`` in ``make_celery``)."""
+    return [queue] + [f"{queue}:{p}" for p in range(1, 10)]
 
 
-def _chain(e: BaseException | None) -> Iterable[BaseException]:
-    while e is not None:
-        yield e
-        e = e.__cause__ or e.__context__
+@dataclass(frozen=True)
+class BrokerView:
+    """What the scheduler reads from Redis each tick."""
+
+    run_id: str | None  # changes when the server restarts (and, without persistence, forgets every message)
+    depths: dict[str, int]  # queue name → messages waiting
 
 
-SCHEDULER_KEY = "batchllm:scheduler:alive"
+def read_broker(app: Celery, queues: Iterable[str]) -> BrokerView:
+    """Redis's run_id and the depth of each queue: one connection, failing fast like ``check_broker``, and one
+    pipelined round trip (a tick used to open three connections and make ten LLEN round trips per queue).
 
-
-def mark_scheduler_alive(app: Celery, ttl: float) -> None:
-    """The scheduler says it is running (a Redis key with a TTL), so submits let it meter out chunks."""
-    with app.connection_for_write() as conn:
-        client: Any = conn.default_channel.client  # type: ignore[attr-defined]
-        client.set(SCHEDULER_KEY, "1", ex=max(1, int(ttl)))
-
-
-def broker_run_id(app: Celery) -> str | None:
-    """Redis's run_id: it changes when the server restarts (and, without persistence, forgets every message)."""
-    if str(app.conf.broker_url).startswith("memory:"):
-        return None
-    with app.connection_for_read() as conn:
-        client: Any = conn.default_channel.client  # type: ignore[attr-defined]
-        return str(client.info("server").get("run_id"))
-
-
-def scheduler_alive(app: Celery) -> bool:
-    """Whether a scheduler marked itself alive recently (False on the in-process broker)."""
-    if str(app.conf.broker_url).startswith("memory:"):
-        return False
+    Raises:
+        ServiceUnavailable: Redis is down (naming the masked URL).
+    """
+    url, names = str(app.conf.broker_url), list(queues)
+    if url.startswith("memory:"):
+        return BrokerView(None, queue_depths(app, names))
     try:
         with app.connection_for_read() as conn:
-            client: Any = conn.default_channel.client  # type: ignore[attr-defined]
-            return bool(client.exists(SCHEDULER_KEY))
-    except Exception:  # cannot tell: send everything, the safe default
-        return False
+            conn.ensure_connection(max_retries=1, interval_start=0.2, interval_step=0.2, timeout=3)
+            pipe = conn.default_channel.client.pipeline(transaction=False)  # type: ignore[attr-defined]
+            pipe.info("server")
+            for q in names:
+                for key in _depth_keys(q):
+                    pipe.llen(key)
+            replies = pipe.execute()
+    except Exception as e:
+        if outage_of(e) is not Service.BROKER:
+            raise
+        raise ServiceUnavailable("Redis", url, type(e).__name__) from e
+    lens = [int(x) for x in replies[1:]]
+    depths = {q: sum(lens[10 * i : 10 * i + 10]) for i, q in enumerate(names)}
+    return BrokerView(str(replies[0].get("run_id")), depths)
 
 
 def queue_depths(app: Celery, queues: Iterable[str]) -> dict[str, int]:
-    """Messages waiting per queue (Redis LLEN over the priority sub-queues); used by metrics and reaping."""
+    """Messages waiting per queue (Redis LLEN over the priority sub-queues; the memory transport's own count)."""
+    memory = str(app.conf.broker_url).startswith("memory:")
     out: dict[str, int] = {}
     with app.connection_for_read() as conn:
-        client: Any = conn.default_channel.client  # type: ignore[attr-defined]
+        channel: Any = conn.default_channel
         for q in queues:
-            keys = [q] + [f"{q}:{p}" for p in range(1, 10)]
-            out[q] = sum(int(client.llen(k)) for k in keys)
+            out[q] = int(channel._size(q)) if memory else sum(int(channel.client.llen(k)) for k in _depth_keys(q))
     return out

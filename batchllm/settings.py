@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     cpu_kvcache_gb: float = Field(default=2.0, gt=0)
     enforce_eager: bool | None = None  # None: eager on CPU (fast start), CUDA graphs on GPU
     engine_max_model_len: int | None = None
+    # Requests the engine runs at once (vLLM's max_num_seqs; None: vLLM's default, 256 on CPU). Work beyond it
+    # waits in the broker, where priorities apply: a smaller engine batch makes priorities act sooner.
+    engine_max_num_seqs: int | None = Field(default=None, ge=1)
     # Requests kept waiting in the engine before a worker takes its next chunk. Enough to keep the engine
     # full across chunk boundaries, small enough that the backlog stays in the broker, where priority works.
     engine_feed_depth: int | None = Field(default=None, ge=1)  # default: 2 x chunk_size
@@ -55,8 +58,21 @@ class Settings(BaseSettings):
     flower_user: str = "admin"
     flower_password: SecretStr | None = None
     metrics_port: int = 9464
+    # Loopback by default: the metrics page shows model names and worker hosts to whoever can reach it.
+    metrics_address: str = "127.0.0.1"
     scheduler_interval: float = Field(default=2.0, gt=0)
+    # The leader lease: a standby scheduler takes over this long after the active one stopped renewing it.
+    scheduler_lease_seconds: float = Field(default=10.0, gt=0)
+    # How long a worker retries a result write while the database is down before it gives the chunk up
+    # (its lease then lapses and the chunk runs again elsewhere: nothing is lost, nothing stays leased).
     db_retry_seconds: float = Field(default=120.0, ge=0)
+
+    # The HTTP API (``batchllm serve``).
+    # Largest file ``POST /v1/files`` accepts (decimal bytes; OpenAI's limit is 200 MB, local batches run larger).
+    api_max_upload_bytes: int = Field(default=2_000_000_000, ge=1024)
+    # Optional server-side secret mixed into API key hashes (HMAC-SHA256); the same value must be set wherever
+    # `batchllm keys` and `batchllm serve` run. Changing it invalidates every key.
+    api_key_pepper: SecretStr | None = None
 
     @field_validator("database_url", mode="after")
     @classmethod

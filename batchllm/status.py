@@ -26,15 +26,6 @@ class BatchStatus(StrEnum):
 TERMINAL_BATCH = frozenset({BatchStatus.COMPLETED, BatchStatus.FAILED, BatchStatus.CANCELLED, BatchStatus.EXPIRED})
 
 
-class RequestStatus(StrEnum):
-    """One request (one input line)."""
-
-    QUEUED = "queued"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-
 class ChunkStatus(StrEnum):
     """A chunk of requests of one model: the unit a worker leases."""
 
@@ -56,3 +47,21 @@ class WorkerState(StrEnum):
     ERROR = "error"
     LOST = "lost"  # set by the scheduler when the heartbeat lapsed
     STOPPED = "stopped"
+
+
+LIVE_WORKER_STATES = frozenset(set(WorkerState) - {WorkerState.LOST, WorkerState.STOPPED})
+
+
+class InvalidLines(StrEnum):
+    """What a batch does when some input lines are invalid."""
+
+    RUN_VALID = "run_valid"  # the valid lines run; each invalid line gets a 400 error record (batchllm's default)
+    FAIL = "fail"  # the whole batch fails with the lines' errors (OpenAI's behaviour)
+
+
+class Endpoint(StrEnum):
+    """The OpenAI endpoints a request line can target (its ``url``)."""
+
+    CHAT = "/v1/chat/completions"
+    COMPLETIONS = "/v1/completions"
+    EMBEDDINGS = "/v1/embeddings"

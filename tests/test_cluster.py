@@ -1,12 +1,17 @@
-"""A real cluster on one CPU: two unpinned workers advertising 16 GB and 24 GB cards, plus the scheduler.
+"""A real cluster on one CPU: the scheduler and two unpinned workers advertising a 16,384 MiB and a 24,564 MiB card.
 
-The test catalog has two models that use SmolLM2's weights, one with a 24 GB floor and one with an 8 GB
-floor, so placement decisions are real while inference stays CPU-sized.
+The module's models file has two models on SmolLM2's weights, one with a 24 GB floor and one with an 8 GB
+floor, so placement decisions are real while inference stays CPU-sized. Chunks of 2 requests and an engine
+feed depth of 2 keep little work in flight per worker, so what runs next is decided by the queue order the
+scheduler meters out of SQL (priority, then round-robin across batches): the priority and fair-share tests
+fail under FIFO, which would run all of the earlier batch first.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -14,12 +19,14 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
-from sqlalchemy import func, select
 
-from tests.conftest import WorkerProc, run_cli
+from tests.conftest import WorkerProc, _drop_pg_database, run_cli, scratch_pg
+from tests.openai_shapes import check_output_line, read_jsonl, write_jsonl
 
 pytestmark = [pytest.mark.slow, pytest.mark.services]
 
@@ -32,6 +39,7 @@ floor_gb = 24
 base = "smollm2-135m-instruct"
 floor_gb = 8
 """
+W16, W24 = "w16", "w24"
 
 
 def _free_port() -> int:
@@ -41,223 +49,270 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def cluster(cluster_env: dict[str, str], model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
-    """Scheduler + two unpinned CPU workers standing in for a 16,384 MiB and a 24,564 MiB GPU."""
+def cluster(cluster_env: dict[str, str], model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """Scheduler + two unpinned CPU workers standing in for a 16,384 MiB and a 24,564 MiB GPU; a schedule that
+    fires once, at the next minute, while the other tests run."""
+    from batchllm.settings import get_settings
+
     tmp = tmp_path_factory.mktemp("cluster")
     models = tmp / "models.toml"
     models.write_text(MODELS_TOML)
-    env = dict(cluster_env, BATCHLLM_MODELS_FILE=str(models))
+    # A database of its own: the session's (and its pinned worker, if another module started it) stays out of
+    # these workers' listing, placement and plans.
+    db_url, db_name = scratch_pg("cluster")
+    env = dict(cluster_env, BATCHLLM_DATABASE_URL=db_url, BATCHLLM_MODELS_FILE=str(models), BATCHLLM_CHUNK_SIZE="2",
+               BATCHLLM_ENGINE_FEED_DEPTH="2")
+    session_db = os.environ["BATCHLLM_DATABASE_URL"]
+    os.environ["BATCHLLM_DATABASE_URL"] = db_url  # for this process's own reads (get_settings)
+    get_settings.cache_clear()
     port = _free_port()
     sched_log = tmp / "scheduler.log"
     sched = subprocess.Popen(
         [sys.executable, "-m", "batchllm", "scheduler", "--interval", "0.5", "--metrics-port", str(port)],
-        env=env,
-        stdout=sched_log.open("wb"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
+        env=env, stdout=sched_log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
     )
-    w16 = WorkerProc(["--cpu", "--advertise-vram", "16384MiB"], env, tmp / "w16.log", "w16")
-    w24 = WorkerProc(["--cpu", "--advertise-vram", "24564MiB"], env, tmp / "w24.log", "w24")
+    w16 = WorkerProc(["--cpu", "--advertise-vram", "16384MiB", "--loglevel", "WARNING"], env, tmp / "w16.log", W16)
+    w24 = WorkerProc(["--cpu", "--advertise-vram", "24564MiB", "--loglevel", "WARNING"], env, tmp / "w24.log", W24)
     url = env["BATCHLLM_DATABASE_URL"]
-    w16.wait_state(url, ("idle",), timeout=120)
-    w24.wait_state(url, ("idle",), timeout=120)
-    yield {"env": env, "w16": w16, "w24": w24, "metrics": f"http://127.0.0.1:{port}/metrics", "tmp": tmp, "sched_log": sched_log}
-    for w in (w16, w24):
-        w.stop(timeout=30)
-    sched.send_signal(signal.SIGTERM)
     try:
-        sched.wait(20)
-    except subprocess.TimeoutExpired:
-        sched.kill()
+        w16.wait_state(url, ("idle",), timeout=180)
+        w24.wait_state(url, ("idle",), timeout=180)
+        inbox, outdir = tmp / "inbox", tmp / "outbox"
+        inbox.mkdir()
+        write_jsonl(inbox / "tonight.jsonl", [{"id": f"n{i}", "prompt": f"Number {i} is", "max_tokens": 4} for i in range(5)])
+        # Local time, as cron reads it: fires once, at the start of the next minute, or of the one after when the
+        # next starts within 15 s (the schedule must be stored before its time comes, or it waits for tomorrow).
+        now = datetime.now()
+        at = now + timedelta(minutes=1 if now.second < 45 else 2)
+        add = run_cli(["schedule", "add", "next-minute", "--cron", f"{at.minute} {at.hour} * * *", "--input",
+                       str(inbox / "*.jsonl"), "--model", "test-small-8gb", "--output", str(outdir)], env)
+        assert add.returncode == 0, add.stderr
+        yield {"env": env, "w16": w16, "w24": w24, "metrics": f"http://127.0.0.1:{port}/metrics", "tmp": tmp,
+               "sched_log": sched_log, "outdir": outdir, "url": url}
+    finally:
+        for w in (w16, w24):
+            w.stop(timeout=30)
+        sched.send_signal(signal.SIGTERM)
+        try:
+            sched.wait(20)
+        except subprocess.TimeoutExpired:
+            sched.kill()
+        os.environ["BATCHLLM_DATABASE_URL"] = session_db
+        get_settings.cache_clear()
+        _drop_pg_database(db_name)
 
 
-def _lines(model: str, n: int, tag: str, max_tokens: int = 8) -> list[dict]:
-    return [
-        {"id": f"{tag}{i}", "model": model, "messages": [{"role": "user", "content": f"Say {i}."}], "max_tokens": max_tokens}
-        for i in range(n)
-    ]
+def _lines(model: str, n: int, tag: str, max_tokens: int = 4) -> list[dict[str, Any]]:
+    return [{"id": f"{tag}{i}", "model": model, "messages": [{"role": "user", "content": f"Say {i}."}],
+             "max_tokens": max_tokens} for i in range(n)]
 
 
-def _write(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+def _submit(cluster: dict[str, Any], name: str, rows: list[dict[str, Any]], *args: str) -> str:
+    proc = run_cli(["submit", str(write_jsonl(cluster["tmp"] / name, rows)), *args], cluster["env"], timeout=600)
+    assert proc.returncode == 0, proc.stderr + _logs(cluster)
+    return str(proc.stdout.split()[0])
 
 
-def _meta(env: dict[str, str], batch_id: str, tmp: Path) -> list[dict]:
-    out = tmp / f"{batch_id}.jsonl"
-    proc = run_cli(["results", batch_id, "--meta", "-o", str(out)], env)
-    assert proc.returncode == 0, proc.stderr
-    return [json.loads(x) for x in out.read_text().splitlines()]
+def _logs(cluster: dict[str, Any]) -> str:
+    paths = (cluster["sched_log"], cluster["w16"].log, cluster["w24"].log)
+    return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-2500:]}" for p in paths)
 
 
-def test_plan_shows_fit(cluster) -> None:
+def _meta(batch_id: str) -> list[dict[str, Any]]:
+    """The batch's lines with ``meta`` (worker, model), as far as written (``results --meta --partial``)."""
+    from batchllm.services.export import export
+    from batchllm.settings import get_settings
+
+    buf = io.BytesIO()
+    export(get_settings(), batch_id, buf, buf, meta=True)
+    return [json.loads(x) for x in buf.getvalue().splitlines()]
+
+
+def _done(url: str, batch_id: str) -> int:
+    from batchllm.store import batches
+
+    return batches.get(url, batch_id).counts.completed
+
+
+def _wait_terminal(cluster: dict[str, Any], batch_id: str, timeout: float = 400) -> Any:
+    from batchllm.store import batches
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        b = batches.refresh(cluster["url"], batch_id)
+        if b.terminal:
+            return b
+        time.sleep(0.5)
+    raise AssertionError(f"batch {batch_id} not finished after {timeout}s\n{_logs(cluster)}")
+
+
+def test_plan_shows_fit(cluster: dict[str, Any]) -> None:
     env = cluster["env"]
     proc = run_cli(["plan", "--model", "test-big-24gb", "--json"], env)
     assert proc.returncode == 0, proc.stderr
     plan = json.loads(proc.stdout)[0]
-    assert any(p.startswith("w24") for p in plan["placed_on"])
-    assert not any(p.startswith("w16") for p in plan["placed_on"])
-    w16_rows = [r for r in plan["workers"] if r["worker"] == "w16"]
-    assert w16_rows and "24 GB" in w16_rows[0]["reason"]  # shows the numbers
+    assert [p.split()[0] for p in plan["placed_on"]] == [W24]
+    w16_rows = [r for r in plan["workers"] if r["worker"] == W16]
+    assert w16_rows and "needs ≥ 24 GB" in w16_rows[0]["reason"] and "16,384 MiB" in w16_rows[0]["reason"]
+    # Embedding models are placed like any model: by floor and estimate (bge-large: a 4 GB floor, GPU-only).
+    embed = json.loads(run_cli(["plan", "--model", "bge-large-en-v1.5", "--json"], env).stdout)[0]
+    assert sorted(p.split()[0] for p in embed["placed_on"]) == [W16, W24] and all("bf16" in p for p in embed["placed_on"])
     human = run_cli(["plan", "--model", "mixtral-8x7b-instruct"], env)
-    assert human.returncode == 0 and "w24" in human.stdout and "awq-offload" in human.stdout
-    assert "GB" in human.stdout
+    assert human.returncode == 0 and W24 in human.stdout and "awq-offload" in human.stdout and "GB" in human.stdout
 
 
-def test_big_model_only_on_big_worker(cluster) -> None:
-    env, tmp = cluster["env"], cluster["tmp"]
-    rows = _lines("test-big-24gb", 16, "big") + _lines("test-small-8gb", 16, "small")
-    rows = [r for pair in zip(rows[:16], rows[16:], strict=True) for r in pair]  # interleave the two models
-    proc = run_cli(["submit", str(_write(tmp / "mix.jsonl", rows)), "--wait"], env, timeout=600)
-    assert proc.returncode == 0, proc.stderr + cluster["sched_log"].read_text()[-2000:]
-    batch_id = proc.stdout.strip().splitlines()[0]
-    meta = _meta(env, batch_id, tmp)
+def test_big_model_only_on_big_worker(cluster: dict[str, Any]) -> None:
+    rows = _lines("test-big-24gb", 12, "big") + _lines("test-small-8gb", 12, "small")
+    rows = [r for pair in zip(rows[:12], rows[12:], strict=True) for r in pair]  # interleave the two models
+    batch_id = _submit(cluster, "mix.jsonl", rows, "--wait")
+    meta = _meta(batch_id)
     assert [m["custom_id"] for m in meta] == [r["id"] for r in rows]
-    big = [m["meta"]["worker"] for m in meta if m["custom_id"].startswith("big")]
-    small = [m["meta"]["worker"] for m in meta if m["custom_id"].startswith("small")]
-    assert set(big) == {"w24"}, big
-    assert "w16" in small, small
+    for m in meta:
+        check_output_line({k: v for k, v in m.items() if k != "meta"}, "/v1/chat/completions")
+    big = {m["meta"]["worker"] for m in meta if m["custom_id"].startswith("big")}
+    small = {m["meta"]["worker"] for m in meta if m["custom_id"].startswith("small")}
+    assert big == {W24}, big  # 24 GB-floor work only ever on the 24 GB worker
+    assert W16 in small, small
     assert all(m["meta"]["model"].startswith(("test-big-24gb@", "test-small-8gb@")) for m in meta)
 
 
-def test_refuses_model_no_worker_can_host(cluster) -> None:
-    env, tmp = cluster["env"], cluster["tmp"]
-    src = _write(tmp / "huge.jsonl", _lines("llama-2-70b-chat", 1, "h"))
-    proc = run_cli(["submit", str(src)], env)
-    assert proc.returncode == 2
-    assert "llama-2-70b-chat needs" in proc.stderr and "largest worker" in proc.stderr
+def test_refuses_model_no_worker_can_host(cluster: dict[str, Any]) -> None:
+    src = write_jsonl(cluster["tmp"] / "huge.jsonl", _lines("llama-2-70b-chat", 1, "h"))
+    proc = run_cli(["submit", str(src)], cluster["env"])
+    assert proc.returncode == 2 and proc.stdout == ""
+    said = " ".join(proc.stderr.split())
+    assert "llama-2-70b-chat needs ≥ 80 GB; the largest worker has" in said and "(24,564 MiB)" in said, said
 
 
-def test_priority_overtakes_and_metrics_move(cluster) -> None:
-    from batchllm.store.db import session_scope
-    from batchllm.store.models import Batch
+# The priority and fair-share tests run on test-big-24gb, which only w24 can host: one engine, whose batch (vLLM's
+# max_num_seqs, 256 on the CPU backend; the runtime keeps max(feed depth, that) requests in it) is far smaller than
+# the earlier batch, so the order in which chunks reach the worker decides which batch finishes first.
+BIG = "test-big-24gb"
+ENGINE_BATCH = 256
+EARLY, LATE = 768, 32  # requests of the earlier and the later batch; chunks of 16
 
-    env, tmp = cluster["env"], cluster["tmp"]
-    low = run_cli(["submit", str(_write(tmp / "low.jsonl", _lines("test-small-8gb", 64, "l", 24))), "--priority", "0"], env)
-    assert low.returncode == 0, low.stderr
-    time.sleep(1.0)
-    high = run_cli(
-        ["submit", str(_write(tmp / "high.jsonl", _lines("test-small-8gb", 8, "h", 4))), "--priority", "9", "--wait"], env
-    )
-    assert high.returncode == 0, high.stderr
-    low_id, high_id = low.stdout.split()[0], high.stdout.split()[0]
-    seen_rate = 0.0
-    deadline = time.time() + 400
-    url = env["BATCHLLM_DATABASE_URL"]
-    while time.time() < deadline:
+
+def _tiny_lines(n: int, tag: str) -> list[dict[str, Any]]:
+    """Cheap requests (2 tokens each): a batch of hundreds runs in seconds on SmolLM2."""
+    return [{"custom_id": f"{tag}{i}", "method": "POST", "url": "/v1/chat/completions",
+             "body": {"model": BIG, "messages": [{"role": "user", "content": f"Say {i}."}], "max_tokens": 2,
+                      "ignore_eos": True}} for i in range(n)]
+
+
+def _submit_now(cluster: dict[str, Any], name: str, rows: list[dict[str, Any]], priority: int = 0) -> str:
+    """Submit in this process, as `batchllm submit` does (store, then send the head chunks): no CLI start-up delay,
+    so the order of two submits is the order in which they reach the queue."""
+    from batchllm.queue import producer
+    from batchllm.services.submit import dispatch_new, submit_file
+    from batchllm.settings import Settings
+
+    st = Settings(database_url=cluster["url"], models_file=Path(cluster["env"]["BATCHLLM_MODELS_FILE"]), chunk_size=16)
+    res = submit_file(st, write_jsonl(cluster["tmp"] / name, rows), priority=priority)
+    dispatch_new(st, producer(st), res.batch_id)
+    return res.batch_id
+
+
+def _warm_big(cluster: dict[str, Any]) -> None:
+    """Make sure w24 has the big model loaded (a load takes a minute; the timed tests must not wait for one)."""
+    _submit(cluster, "warm.jsonl", [_tiny_lines(1, "warm")[0]], "--wait")
+
+
+def test_priority_overtakes_and_metrics_move(cluster: dict[str, Any]) -> None:
+    url = cluster["url"]
+    _warm_big(cluster)
+    low_id = _submit_now(cluster, "low.jsonl", _tiny_lines(EARLY, "l"), priority=0)
+    deadline = time.time() + 300
+    while time.time() < deadline and _done(url, low_id) < 1:  # the low batch is running
+        time.sleep(0.05)
+    high_id = _submit_now(cluster, "high.jsonl", _tiny_lines(LATE, "h"), priority=9)
+    low_done_when_high_finished, seen_rate = None, 0.0
+    while time.time() < deadline:  # the scheduler's metrics show the model's throughput while the batches run
+        if low_done_when_high_finished is None and _done(url, high_id) == LATE:
+            low_done_when_high_finished = _done(url, low_id)
         text = urllib.request.urlopen(cluster["metrics"], timeout=5).read().decode()
         for line in text.splitlines():
-            if line.startswith("batchllm_model_tokens_per_second{") and "test-small-8gb" in line:
+            if line.startswith("batchllm_model_tokens_per_second{") and BIG in line:
                 seen_rate = max(seen_rate, float(line.rsplit(" ", 1)[1]))
-        with session_scope(url) as s:
-            status = s.get(Batch, low_id).status
-        if status == "completed":
+        if _done(url, low_id) == EARLY and low_done_when_high_finished is not None and seen_rate:
             break
-        time.sleep(1)
-    with session_scope(url) as s:
-        lo, hi = s.get(Batch, low_id), s.get(Batch, high_id)
-        assert lo.status == "completed" and hi.status == "completed"
-        assert hi.finished_at < lo.finished_at  # submitted later, finished first
+        time.sleep(0.1)
+    lo, hi = _wait_terminal(cluster, low_id), _wait_terminal(cluster, high_id)
+    assert (lo.status, lo.counts.completed, hi.status, hi.counts.completed) == ("completed", EARLY, "completed", LATE)
+    assert hi.completed_at < lo.completed_at  # submitted later, finished first
+    # FIFO would run all 768 low requests before the high batch's; priority lets it in after what the engine holds.
+    assert low_done_when_high_finished is not None
+    print(f"low requests done when the high batch finished: {low_done_when_high_finished} of {EARLY}")
+    assert low_done_when_high_finished < EARLY - 2 * ENGINE_BATCH // 2, low_done_when_high_finished
     assert seen_rate > 0, "tokens/s metric never moved during the run"
 
 
-def test_equal_priority_batches_share_workers(cluster) -> None:
-    from batchllm.store.db import session_scope
-    from batchllm.store.models import Result
+def test_equal_priority_batches_share_workers(cluster: dict[str, Any]) -> None:
+    url = cluster["url"]
+    _warm_big(cluster)
+    a_id = _submit_now(cluster, "a.jsonl", _tiny_lines(EARLY, "a"))
+    b_id = _submit_now(cluster, "b.jsonl", _tiny_lines(LATE, "b"))
+    a_before = None
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        a_done = _done(url, a_id)
+        if _done(url, b_id):
+            a_before = a_done
+            break
+        time.sleep(0.05)
+    assert a_before is not None, f"batch B never started\n{_logs(cluster)}"
+    print(f"A's requests done before B's first: {a_before} of {EARLY}")
+    assert _wait_terminal(cluster, a_id).status == _wait_terminal(cluster, b_id).status == "completed"
+    # FIFO would hand the worker all of A's chunks first, so B's first answer would come after at least
+    # 768 - 256 of A's; round-robin (A1 B1 A2 B2 ...) starts B with the engine's first batch.
+    assert a_before < EARLY - ENGINE_BATCH - 2 * 16, f"{a_before} of A's {EARLY} requests finished before B's first"
 
-    env, tmp = cluster["env"], cluster["tmp"]
-    first = run_cli(["submit", str(_write(tmp / "a.jsonl", _lines("test-small-8gb", 64, "a", 16)))], env)
-    second = run_cli(["submit", str(_write(tmp / "b.jsonl", _lines("test-small-8gb", 64, "b", 16))), "--wait"], env, timeout=600)
-    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
-    a_id, b_id = first.stdout.split()[0], second.stdout.split()[0]
-    run_cli(["status", a_id, "--watch"], env, timeout=600)
-    with session_scope(env["BATCHLLM_DATABASE_URL"]) as s:
-        b_first = s.scalar(select(func.min(Result.created_at)).where(Result.batch_id == b_id))
-        a_before = s.scalar(select(func.count()).select_from(Result).where(Result.batch_id == a_id, Result.created_at < b_first))
-    # FIFO would run (nearly) all of A before any of B; sharing starts B while most of A still waits.
-    assert a_before < 40, f"{a_before} of A's 64 requests finished before B's first"
 
-
-def test_killed_worker_work_moves(cluster) -> None:
-    from batchllm.store.db import session_scope
-    from batchllm.store.models import Result
-
-    env, tmp = cluster["env"], cluster["tmp"]
-    w16 = cluster["w16"]
-    proc = run_cli(["submit", str(_write(tmp / "kill.jsonl", _lines("test-small-8gb", 40, "k", 32)))], env)
-    assert proc.returncode == 0, proc.stderr
-    batch_id = proc.stdout.split()[0]
-    url = env["BATCHLLM_DATABASE_URL"]
-    deadline = time.time() + 120
+def test_killed_worker_work_moves(cluster: dict[str, Any]) -> None:
+    url, w16 = cluster["url"], cluster["w16"]
+    # Answers of 8 to 96 tokens (ignore_eos: exactly that long), so the first is written well before the last and
+    # w16 is caught mid-batch.
+    rows = [{"custom_id": f"k{i}", "method": "POST", "url": "/v1/chat/completions",
+             "body": {"model": "test-small-8gb", "messages": [{"role": "user", "content": f"Say {i}."}],
+                      "max_tokens": 8 + 8 * (i % 12), "ignore_eos": True}} for i in range(24)]
+    batch_id = _submit(cluster, "kill.jsonl", rows)
+    deadline = time.time() + 300
     while time.time() < deadline:  # kill w16 once it has written some of this batch
-        with session_scope(url) as s:
-            n = s.scalar(select(func.count()).select_from(Result).where(Result.batch_id == batch_id, Result.worker == "w16"))
-        if n:
+        if any(m["meta"]["worker"] == W16 for m in _meta(batch_id) if m["response"]):
             break
         time.sleep(0.2)
+    else:
+        pytest.fail(f"w16 never ran any of the batch\n{_logs(cluster)}")
+    assert _done(url, batch_id) < 24, "the batch finished before w16 could be killed"
     w16.stop(sig=signal.SIGKILL)
     killed_at = time.time()
-    from batchllm.store.models import Batch
-
-    deadline = time.time() + 400
-    while time.time() < deadline:
-        with session_scope(url) as s:
-            if s.get(Batch, batch_id).status == "completed":
-                break
-        time.sleep(1)
+    b = _wait_terminal(cluster, batch_id)
     recovered = time.time() - killed_at
-    with session_scope(url) as s:
-        per_req = s.execute(
-            select(Result.request_id, func.count()).where(Result.batch_id == batch_id).group_by(Result.request_id)
-        ).all()
-        workers = {w for (w,) in s.execute(select(Result.worker).where(Result.batch_id == batch_id))}
-    logs = "\n".join(f"--- {p.name}\n{p.read_text()[-2500:]}" for p in (cluster["sched_log"], cluster["w24"].log))
-    assert len(per_req) == 40 and all(c == 1 for _, c in per_req), logs
-    assert "w24" in workers  # the surviving worker took over
+    assert b.status == "completed" and (b.counts.completed, b.counts.failed) == (24, 0), _logs(cluster)
+    out = cluster["tmp"] / "kill-out.jsonl"
+    assert run_cli(["results", batch_id, "--meta", "-o", str(out)], cluster["env"]).returncode == 0
+    lines = read_jsonl(out)
+    assert [m["custom_id"] for m in lines] == [f"k{i}" for i in range(24)]  # every request answered exactly once
+    for m in lines:  # and every one succeeded, the recovered ones included
+        check_output_line({k: v for k, v in m.items() if k != "meta"}, "/v1/chat/completions")
+    assert W24 in {m["meta"]["worker"] for m in lines}  # the surviving worker took over
     print(f"batch finished {recovered:.1f}s after the worker was killed")
 
 
-def test_schedule_due_now_writes_output_once(cluster) -> None:
-    from batchllm.store.db import session_scope
-    from batchllm.store.models import Batch
+def test_schedule_fired_once_and_wrote_its_output(cluster: dict[str, Any]) -> None:
+    from batchllm.store import batches
 
-    env, tmp = cluster["env"], cluster["tmp"]
-    inbox, outdir = tmp / "inbox", tmp / "outbox"
-    inbox.mkdir()
-    _write(inbox / "tonight.jsonl", [{"id": f"n{i}", "prompt": f"Number {i} is", "max_tokens": 4} for i in range(5)])
-    add = run_cli(
-        [
-            "schedule",
-            "add",
-            "every-minute",
-            "--cron",
-            "* * * * *",
-            "--input",
-            str(inbox / "*.jsonl"),
-            "--model",
-            "test-small-8gb",
-            "--output",
-            str(outdir),
-        ],
-        env,
-    )
-    assert add.returncode == 0, add.stderr
+    outdir = cluster["outdir"]
     deadline = time.time() + 200
     files: list[Path] = []
     while time.time() < deadline and not files:
-        files = (
-            sorted(p for p in outdir.glob("every-minute-*.jsonl") if not p.name.endswith(".errors.jsonl"))
-            if outdir.exists()
-            else []
-        )
+        files = sorted(p for p in outdir.glob("next-minute-*.jsonl") if not p.name.endswith(".errors.jsonl")) \
+            if outdir.exists() else []
         time.sleep(1)
-    assert run_cli(["schedule", "remove", "every-minute"], env).returncode == 0
-    assert files, f"no output file after 200 s:\n{cluster['sched_log'].read_text()[-2000:]}"
-    lines = [json.loads(x) for x in files[0].read_text().splitlines()]
+    assert run_cli(["schedule", "remove", "next-minute"], cluster["env"]).returncode == 0
+    assert files, f"no output file after the schedule's minute\n{_logs(cluster)}"
+    lines = read_jsonl(files[0])
     assert [x["custom_id"] for x in lines] == [f"n{i}" for i in range(5)]
-    assert all(x["response"]["status_code"] == 200 for x in lines)
-    with session_scope(env["BATCHLLM_DATABASE_URL"]) as s:
-        keys = [b.idempotency_key for b in s.query(Batch).filter(Batch.idempotency_key.like("every-minute:%"))]
-    assert len(keys) == len(set(keys)) >= 1  # one batch per firing, never two for the same firing
-    names = sorted(p.name for p in outdir.glob("every-minute-*.jsonl") if not p.name.endswith(".errors.jsonl"))
-    assert len(names) <= len(keys)  # each firing wrote its file at most once
+    for x in lines:
+        check_output_line(x, "/v1/completions")
+    fired = [b for b in batches.listing(cluster["url"], limit=1000) if (b.name or "").startswith("next-minute ")]
+    assert len(fired) == 1 and len(files) == 1, (fired, files)  # one firing, one batch, one output file

@@ -2,8 +2,10 @@
 
 What is held here: the compose file and the env examples configure batchllm only through variables that
 ``Settings`` really reads; every worker owns exactly one GPU; Redis, PostgreSQL and Flower are behind
-passwords that come from the environment, never from the files; the systemd units are well-formed; and
-``batchllm flower`` refuses to start without a password.
+passwords that come from the environment, never from the files; the systemd units are well-formed;
+``batchllm flower`` refuses to start without a password; and the API service (``batchllm serve``) is never
+open, listens on loopback unless told otherwise, is health-checked on a route that exists, and is given
+longer to stop than it takes to drain.
 """
 
 from __future__ import annotations
@@ -234,6 +236,82 @@ def test_each_worker_reserves_exactly_one_gpu_consistently() -> None:
     for name, s in svc.items():
         if name not in workers:
             assert "deploy" not in s and "CUDA_VISIBLE_DEVICES" not in environment(s), f"{name} must not take a GPU"
+
+
+def test_api_service_is_authenticated_on_loopback_and_health_checked() -> None:
+    api = services()["api"]
+    argv = command(api)
+    assert argv[:2] == ["batchllm", "serve"], argv
+    assert "--no-auth" not in argv and "--local" not in argv  # the cluster's API, and never without keys
+    port = argv[argv.index("--port") + 1]
+    assert argv[argv.index("--host") + 1] == "0.0.0.0"  # inside the container, so the published port reaches it
+    # Published on the host's loopback unless API_BIND says otherwise (a TLS proxy on the host fronts it).
+    dotenv = env_file(ENV_EXAMPLE)
+    published = [interpolate(p, {}) for p in api["ports"]]
+    assert published == [f"127.0.0.1:{port}:{port}"], published
+    assert dotenv["API_BIND"] == "127.0.0.1"
+    # The healthcheck asks the port the command listens on, on the route the app serves without a key.
+    probe = " ".join(api["healthcheck"]["test"])
+    assert f"http://127.0.0.1:{port}/health" in probe, probe
+    dep = api.get("depends_on", {})
+    assert dep.get("migrate", {}).get("condition") == "service_completed_successfully"
+    assert dep.get("redis", {}).get("condition") == "service_healthy"
+    env = environment(api)
+    assert {"BATCHLLM_DATABASE_URL", "BATCHLLM_BROKER_URL"} <= set(env)
+    assert env["BATCHLLM_API_KEY_PEPPER"].startswith("${BATCHLLM_API_KEY_PEPPER")  # from deploy/.env, never literal
+
+
+def test_api_unit_serves_loopback_with_keys() -> None:
+    u = unit(SYSTEMD / "batchllm-api.service")
+    argv = shlex.split(unit_value(u, "Service", "ExecStart") or "")
+    assert argv[1:] == ["serve", "--host", "127.0.0.1", "--port", "8000"], argv
+    assert unit_value(u, "Service", "User") == "batchllm"
+
+
+def _serve_kwargs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, *args: str) -> tuple[Any, dict[str, Any]]:
+    """Run the real ``batchllm serve`` on a SQLite file with uvicorn.run replaced; returns (result, uvicorn kwargs)."""
+    import uvicorn
+
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(kw, app=app))
+    for var in list(os.environ):
+        if var.startswith("BATCHLLM_"):
+            monkeypatch.delenv(var)
+    monkeypatch.setenv("BATCHLLM_CONFIG", str(tmp_path / "absent.toml"))
+    monkeypatch.setenv("BATCHLLM_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("BATCHLLM_DATABASE_URL", f"sqlite:///{tmp_path / 'api.db'}")
+    get_settings.cache_clear()
+    try:
+        return CliRunner().invoke(cli(), ["serve", *args]), seen
+    finally:
+        get_settings.cache_clear()
+
+
+def test_api_stop_timeouts_outlast_its_drain_and_exit_2_is_final(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # No key yet: `batchllm serve` refuses with exit 2, which the unit does not restart (RestartPreventExitStatus=2).
+    result, seen = _serve_kwargs(monkeypatch, tmp_path)
+    assert result.exit_code == 2 and "no API key exists" in result.output and not seen
+    u = unit(SYSTEMD / "batchllm-api.service")
+    assert unit_value(u, "Service", "RestartPreventExitStatus") == "2"
+    # With --no-auth it gets as far as uvicorn: its graceful-shutdown drain must end before compose or systemd kill it.
+    result, seen = _serve_kwargs(monkeypatch, tmp_path, "--no-auth", "--port", "8000")
+    assert result.exit_code == 0, result.output
+    drain = seen["timeout_graceful_shutdown"]
+    grace = services()["api"]["stop_grace_period"]
+    assert grace.endswith("s") and int(grace[:-1]) > drain, (grace, drain)
+    assert int(unit_value(u, "Service", "TimeoutStopSec") or 0) > drain
+
+    # The health route the compose healthcheck probes exists and answers without a key on a server that wants one.
+    from fastapi.testclient import TestClient
+
+    from batchllm.services.api.app import create_app
+    from batchllm.services.api.config import ApiConfig
+
+    st = Settings(database_url=f"sqlite:///{tmp_path / 'api.db'}", data_dir=tmp_path)
+    with TestClient(create_app(ApiConfig(st, auth=True))) as client:
+        assert client.get("/v1/batches").status_code == 401
+        health = client.get("/health")
+        assert health.status_code == 200 and health.json()["status"] == "ok"
 
 
 def test_migrate_runs_first() -> None:

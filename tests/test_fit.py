@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
 
 from batchllm.catalog import Catalog, ModelSpec, builtin_models
-from batchllm.scheduler.fit import Device, WorkerCapacity, best_variant, engine_gpus, estimate, explain, fits
+from batchllm.placement.fit import Device, WorkerCapacity, best_variant, engine_gpus, estimate, explain, fits
 from batchllm.sizes import GB, mib
 
 CATALOG = Catalog(builtin_models(Path("/models")))
@@ -187,8 +188,28 @@ def test_device_model() -> None:
 
 
 # The smallest card actually sold in each floor's class (NVML MiB): every built-in variant must fit the
-# smallest card its floor admits, so a floor is never a promise the estimate breaks.
-CLASS_CARDS = {8: RTX4060, 16: T4, 20: 20470, 24: A10G, 40: A100_40, 48: L40S, 80: H100}
+# smallest card its floor admits, so a floor is never a promise the estimate breaks. The 2 and 4 GB classes
+# (2,048 / 4,096 MiB: GTX 1050, GTX 1650, T1000-class cards) are where the embedding models' floors sit.
+GTX1050 = 2048  # 2 GB
+GTX1650 = 4096  # 4 GB
+CLASS_CARDS = {2: GTX1050, 4: GTX1650, 8: RTX4060, 16: T4, 20: 20470, 24: A10G, 40: A100_40, 48: L40S, 80: H100}
+
+
+def test_class_cards_meet_the_floors_they_stand_for() -> None:
+    # A card of the class must meet the class's decimal floor (2,048 MiB = 2.15 GB >= 2 GB), and no card of the
+    # next smaller class may: otherwise the table would test a floor against a card it does not admit.
+    classes = sorted(CLASS_CARDS)
+    for smaller, floor in itertools.pairwise(classes):
+        assert mib(CLASS_CARDS[floor]) >= floor * GB > mib(CLASS_CARDS[smaller]), (floor, smaller)
+    assert mib(CLASS_CARDS[classes[0]]) >= classes[0] * GB
+
+
+@pytest.mark.parametrize("spec", [s for s in CATALOG if s.task == "embed" and not s.cpu_ok], ids=lambda s: s.name)
+def test_embedding_floors_fit_a_card_of_exactly_their_size(spec: ModelSpec) -> None:
+    # Encoders are small: each GPU floor holds with room to spare even on a card of exactly floor_gb bytes.
+    for variant in spec.variants:
+        est = estimate(spec, variant, gpus(variant.floor_bytes / 2**20))
+        assert est.fits and est.total_bytes < 0.9 * variant.floor_bytes, est.reason
 
 
 @pytest.mark.parametrize("spec", list(CATALOG), ids=lambda s: s.name)

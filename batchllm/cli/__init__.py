@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from batchllm import __version__
+from batchllm.cli.common import EXIT_NOW, exit_now
 from batchllm.errors import BatchLLMError, mask_url
 
 
@@ -21,10 +22,10 @@ class BatchLLMGroup(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            rv = super().invoke(ctx)
         except BatchLLMError as e:
             click.echo(f"error: {e.message}", err=True)
-            ctx.exit(e.exit_code)
+            _end(ctx, e.exit_code)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(130)
@@ -38,6 +39,17 @@ class BatchLLMGroup(click.Group):
                 err=True,
             )
             ctx.exit(1)
+        _end(ctx, None)
+        return rv
+
+
+def _end(ctx: click.Context, code: int | None) -> None:
+    """End a command: skip the interpreter's teardown when the command asked for it (``EXIT_NOW``), else exit
+    with ``code`` (None: return normally)."""
+    if ctx.meta.get(EXIT_NOW):
+        exit_now(code or 0)
+    if code is not None:
+        ctx.exit(code)
 
 
 @click.group(cls=BatchLLMGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -46,21 +58,25 @@ class BatchLLMGroup(click.Group):
 def main(verbose: bool) -> None:
     """batchllm: batch inference for local LLMs (JSONL in, OpenAI Batch JSONL out).
 
-    Quick start on one machine (no Redis, no database server):
-
     \b
-
+    Quick start on one machine (no Redis, no database server):
       batchllm models pull smollm2-135m-instruct
       batchllm run examples/jobs.jsonl -o out.jsonl
+
+    \b
+    A cluster (PostgreSQL + Redis, workers on GPU hosts):
+      batchllm db upgrade
+      batchllm worker --gpus 0            # one per GPU; add `batchllm scheduler` once
+      batchllm submit jobs.jsonl --wait -o out.jsonl
     """
     level = logging.DEBUG if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
 def _register() -> None:
-    from batchllm.cli import batch, db, models, ops, run, scheduler, workers
+    from batchllm.cli import batch, db, keys, models, ops, run, scheduler, serve, workers
 
-    for mod in (batch, db, models, ops, run, scheduler, workers):
+    for mod in (batch, db, keys, models, ops, run, scheduler, serve, workers):
         for cmd in mod.COMMANDS:
             main.add_command(cmd)
 

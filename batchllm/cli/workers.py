@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import click
@@ -33,7 +32,10 @@ def _parse_gpus(gpus: str | None) -> list[int] | None:
 @click.option("--loglevel", default="INFO", show_default=True)
 def worker(gpus: str | None, model: str | None, cpu: bool, advertise_vram: str | None, name: str | None, loglevel: str) -> None:
     """Start a worker: one process per GPU (or GPU group) hosting one model under vLLM."""
-    from batchllm.scheduler.placement import identity_capacity, variant_for_worker
+    import socket
+    import uuid
+
+    from batchllm.placement.variants import identity_capacity, variant_for_worker
     from batchllm.sizes import parse_size
     from batchllm.store.db import check_database
     from batchllm.worker.devices import discover, worker_name
@@ -51,6 +53,8 @@ def worker(gpus: str | None, model: str | None, cpu: bool, advertise_vram: str |
     capacity = min(total, advertised) if advertised else total
     identity = WorkerIdentity(
         name=name or worker_name(devices, capacity),
+        instance=uuid.uuid4().hex,
+        host=socket.gethostname(),
         kind=devices[0].kind,
         devices=[d.as_dict() for d in devices],
         memory_total_bytes=total,
@@ -67,7 +71,7 @@ def worker(gpus: str | None, model: str | None, cpu: bool, advertise_vram: str |
         err_console.print(f"{identity.name}: hosting {ref} ({est.reason})", highlight=False)
     else:
         err_console.print(f"{identity.name}: waiting for the scheduler to assign a model", highlight=False)
-    raise SystemExit(run_worker(st, identity, ref, loglevel))
+    raise SystemExit(run_worker(st, identity, ref, explicit_name=bool(name), loglevel=loglevel))
 
 
 @click.command()
@@ -75,39 +79,33 @@ def worker(gpus: str | None, model: str | None, cpu: bool, advertise_vram: str |
 @json_option
 def workers(show_all: bool, as_json: bool) -> None:
     """List workers: host, devices, memory total/free, model, state, heartbeat age."""
+    from batchllm.store import leader
     from batchllm.store import workers as rows
-    from batchllm.store.db import check_database, session_scope
+    from batchllm.store.db import check_database
 
     st = settings()
     check_database(st.database_url)
-    now = time.time()
-    with session_scope(st.database_url) as s:
-        found = rows.all_workers(s) if show_all else rows.live_workers(s, st.heartbeat_timeout * 10)
-        data: list[dict[str, Any]] = [
-            {
-                "name": w.name,
-                "host": w.host,
-                "pid": w.pid,
-                "kind": w.kind,
-                "devices": w.devices or [],
-                "memory_total_bytes": w.memory_total_bytes,
-                "memory_free_bytes": w.memory_free_bytes,
-                "advertised_bytes": w.advertised_bytes,
-                "model": w.model,
-                "assigned_model": w.assigned_model,
-                "state": w.state if now - w.last_heartbeat <= st.heartbeat_timeout else "lost",
-                "error": w.error,
-                "heartbeat_age_s": round(now - w.last_heartbeat, 1),
-                "tokens_generated": w.tokens_generated,
-                "requests_done": w.requests_done,
-            }
-            for w in found
-        ]
+    recent = None if show_all else st.heartbeat_timeout * 10
+    found = rows.all_workers(st.database_url, seen_within=recent)
+    data: list[dict[str, Any]] = [
+        {
+            "name": w.name, "host": w.host, "pid": w.pid, "kind": w.kind, "devices": w.devices,
+            "memory_total_bytes": w.memory_total_bytes, "memory_free_bytes": w.memory_free_bytes,
+            "advertised_bytes": w.advertised_bytes, "model": w.model, "assigned_model": w.assigned_model,
+            "state": w.state if w.heartbeat_age <= st.heartbeat_timeout or w.state == "stopped" else "lost",
+            "error": w.error, "heartbeat_age_s": round(w.heartbeat_age, 1), "tokens_generated": w.tokens_generated,
+            "requests_done": w.requests_done, "stale_writes_refused": w.stale_writes,
+        }
+        for w in found
+    ]
+    info = leader.current(st.database_url)
+    scheduler = None if info is None or not info.active else {"host": info.host, "pid": info.pid, "term": info.term}
     if as_json:
-        print_json(data)
+        print_json({"workers": data, "active_scheduler": scheduler})
         return
+    sched = f"active scheduler: {scheduler['host']} pid {scheduler['pid']}" if scheduler else "no active scheduler"
     if not data:
-        click.echo("no live workers (start one with `batchllm worker`)")
+        click.echo(f"no live workers (start one with `batchllm worker`); {sched}")
         return
     from rich.console import Console
     from rich.table import Table
@@ -129,6 +127,7 @@ def workers(show_all: bool, as_json: bool) -> None:
             str(w["tokens_generated"]),
         )
     Console().print(t)
+    err_console.print(sched, highlight=False)
 
 
 COMMANDS = [worker, workers]

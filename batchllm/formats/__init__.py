@@ -1,73 +1,55 @@
-"""JSONL in and out: both input forms (OpenAI Batch and short), validation, and OpenAI Batch output lines.
+"""Wire formats, one definition each (msgspec Structs): input lines, output lines, the Batch object.
 
-Input is streamed line by line with line numbers; every line becomes either a ``ParsedRequest`` or a
-``LineError`` so that nothing is silently dropped. Output lines follow the OpenAI Batch API file format.
+- Input (``request``): both JSONL forms, checked lightly and fast by ``parse_line`` into ``Parsed`` or
+  ``LineError``; ``iter_raw_lines`` (``reader``) streams a file's lines.
+- Output (``output``): ``output_line`` for the output and error files, ``error_body`` for 4xx/5xx bodies.
+- ``batch``: OpenAI's Batch object for ``status --json``.
 """
 
-from batchllm.formats.models import (
-    BODY_UNSUPPORTED,
-    CHAT_URL,
-    COMPLETIONS_URL,
-    MAX_TOKENS_LIMIT,
-    ROLES,
-    SAMPLING_FIELDS,
-    ChatBody,
-    CompletionBody,
-    InputLine,
-    LineError,
-    Message,
-    OpenAILine,
-    ParsedRequest,
-    Sampling,
-    ShortLine,
-    dump_body,
+from batchllm.formats.batch import (
+    Batch,
+    BatchErrors,
+    BatchFileError,
+    BatchRequestCounts,
+    BatchUsage,
+    encode_batch,
+    unix,
+    usage,
 )
-from batchllm.formats.output import ErrorBody, OutputLine, ResponseEnvelope, completion_body, output_line, request_id_for
-from batchllm.formats.reader import iter_lines, iter_raw_lines
-from batchllm.formats.validate import (
-    CHAT_BODY_FIELDS,
-    COMPLETION_BODY_FIELDS,
-    IGNORED_BODY_FIELDS,
-    MAX_MODEL_NAME,
-    OPENAI_FIELDS,
-    SHORT_FIELDS,
-    UNSUPPORTED_BODY_FIELDS,
-    parse_line,
-    parse_line_record,
+from batchllm.formats.output import (
+    BatchError,
+    ErrorBody,
+    ErrorDetail,
+    OutputLine,
+    Response,
+    error_body,
+    output_line,
+    request_id_for,
 )
+from batchllm.formats.reader import iter_raw_lines
+from batchllm.formats.request import MAX_ID, MAX_MODEL_NAME, LineError, Parsed, parse_line
 
 __all__ = [
-    "BODY_UNSUPPORTED",
-    "CHAT_BODY_FIELDS",
-    "CHAT_URL",
-    "COMPLETIONS_URL",
-    "COMPLETION_BODY_FIELDS",
-    "IGNORED_BODY_FIELDS",
+    "MAX_ID",
     "MAX_MODEL_NAME",
-    "MAX_TOKENS_LIMIT",
-    "OPENAI_FIELDS",
-    "ROLES",
-    "SAMPLING_FIELDS",
-    "SHORT_FIELDS",
-    "UNSUPPORTED_BODY_FIELDS",
-    "ChatBody",
-    "CompletionBody",
+    "Batch",
+    "BatchError",
+    "BatchErrors",
+    "BatchFileError",
+    "BatchRequestCounts",
+    "BatchUsage",
     "ErrorBody",
-    "InputLine",
+    "ErrorDetail",
     "LineError",
-    "Message",
-    "OpenAILine",
     "OutputLine",
-    "ParsedRequest",
-    "ResponseEnvelope",
-    "Sampling",
-    "ShortLine",
-    "completion_body",
-    "dump_body",
-    "iter_lines",
+    "Parsed",
+    "Response",
+    "encode_batch",
+    "error_body",
     "iter_raw_lines",
     "output_line",
     "parse_line",
-    "parse_line_record",
     "request_id_for",
+    "unix",
+    "usage",
 ]

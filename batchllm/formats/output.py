@@ -1,129 +1,104 @@
-"""OpenAI Batch output and error lines."""
+"""OpenAI Batch output lines (the output and error files) and OpenAI's error body, as msgspec Structs.
 
-from __future__ import annotations
+The response body a worker stored (a chat.completion, a text_completion, an embedding list, or an error
+object) is already JSON; it is spliced into the line as ``msgspec.Raw``, never parsed again.
+"""
 
-import time
 from typing import Any
 
-from pydantic import BaseModel
-
-# ---------------------------------------------------------------- output (OpenAI Batch output file format)
+import msgspec
 
 
-class ErrorBody(BaseModel):
-    """``error`` of an output line."""
+class BatchError(msgspec.Struct, gc=False):
+    """``error`` of a line that got no HTTP response (the batch expired or was cancelled first)."""
 
     code: str
     message: str
 
 
-class ResponseEnvelope(BaseModel):
-    """``response`` of an output line."""
+class Response(msgspec.Struct, gc=False):
+    """``response`` of a line that ran: the HTTP status and the endpoint's response body."""
 
     status_code: int
     request_id: str
-    body: dict[str, Any]
+    body: msgspec.Raw
 
 
-class OutputLine(BaseModel):
-    """One OpenAI Batch output (or error) line."""
+class OutputLine(msgspec.Struct, omit_defaults=True, gc=False):
+    """One line of a batch's output or error file (``meta`` only with ``results --meta``)."""
 
     id: str
     custom_id: str
-    response: ResponseEnvelope | None
-    error: ErrorBody | None
+    response: Response | None
+    error: BatchError | None
+    meta: dict[str, Any] | msgspec.UnsetType = msgspec.UNSET
 
 
-def completion_body(
-    kind: str,
-    request_id: str,
-    model: str,
-    created: int,
-    text: str,
-    finish_reason: str | None,
-    prompt_tokens: int,
-    completion_tokens: int,
-) -> dict[str, Any]:
-    """A ``chat.completion`` or ``text_completion`` object, as the OpenAI API returns it."""
-    usage = {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
-    if kind == "chat":
-        choice: dict[str, Any] = {
-            "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "logprobs": None,
-            "finish_reason": finish_reason,
-        }
-        return {
-            "id": f"chatcmpl-{request_id}",
-            "object": "chat.completion",
-            "created": created,
-            "model": model,
-            "choices": [choice],
-            "usage": usage,
-        }
-    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-    return {
-        "id": f"cmpl-{request_id}",
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [choice],
-        "usage": usage,
-    }
+class ErrorDetail(msgspec.Struct):
+    """OpenAI's error object: what went wrong, its type, the parameter at fault and a code."""
+
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(msgspec.Struct):
+    """The body of a 4xx/5xx response: ``{"error": {...}}``."""
+
+    error: ErrorDetail
+
+
+_encode = msgspec.json.Encoder().encode
+_NULL = msgspec.Raw(b"null")
 
 
 def request_id_for(row_id: int) -> str:
-    """The public id of a request row (OpenAI's ``batch_req_...``)."""
+    """The public id of a request row, OpenAI's ``batch_req_...``.
+
+    Args:
+        row_id: the request's store row id.
+    """
     return f"batch_req_{row_id:012d}"
 
 
 def output_line(
-    *,
-    row_id: int,
+    public_id: str,
     custom_id: str,
-    kind: str | None,
-    ok: bool,
     status_code: int | None,
-    model: str | None,
-    created: float | None,
-    text: str | None = None,
-    finish_reason: str | None = None,
-    prompt_tokens: int = 0,
-    completion_tokens: int = 0,
-    error_code: str | None = None,
-    error_message: str | None = None,
-) -> dict[str, Any]:
-    """Build one output line as a plain dict (the fast path; its shape is ``OutputLine``)."""
-    rid = request_id_for(row_id)
-    if ok:
-        body = completion_body(
-            kind or "chat",
-            rid,
-            (model or "").split("@", 1)[0],  # the name the user asked for; the variant is in --meta
-            int(created or time.time()),
-            text or "",
-            finish_reason,
-            prompt_tokens,
-            completion_tokens,
-        )
-        return {
-            "id": rid,
-            "custom_id": custom_id,
-            "response": {"status_code": status_code or 200, "request_id": rid, "body": body},
-            "error": None,
-        }
-    code = error_code or "error"
-    message = error_message or "request failed"
+    body: bytes | str | None,
+    error: tuple[str, str] | None,
+    meta: dict[str, Any] | None = None,
+) -> bytes:
+    """One output or error file line as JSON, without the newline.
+
+    Args:
+        public_id: ``request_id_for(row_id)``; it is the line's ``id`` and the response's ``request_id``.
+        custom_id: the line's id from the input.
+        status_code: the HTTP status of the response (200, or 4xx/5xx); None when the request never ran.
+        body: the stored response body JSON (spliced in raw, so it must be valid JSON), with ``status_code``.
+        error: ``(code, message)`` of a request that never ran (e.g. ``batch_expired``), with no status code.
+        meta: ``results --meta``'s ``{"line", "worker", "device", "model", "latency_ms"}``, appended as ``meta``.
+    """
     response = None
-    if status_code:
-        err_type = "invalid_request_error" if status_code == 400 else "server_error"
-        response = {
-            "status_code": status_code,
-            "request_id": rid,
-            "body": {"error": {"message": message, "type": err_type, "code": code}},
-        }
-    return {"id": rid, "custom_id": custom_id, "response": response, "error": {"code": code, "message": message}}
+    if status_code is not None:
+        response = Response(status_code, public_id, _NULL if body is None else msgspec.Raw(body))
+    line = OutputLine(public_id, custom_id, response, None if error is None else BatchError(*error))
+    if meta is not None:
+        line.meta = meta
+    return _encode(line)
+
+
+def error_body(message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> bytes:
+    """OpenAI's error response body ``{"error": {"message", "type", "param", "code"}}`` as JSON.
+
+    For example the 400 of a line rejected at submit: type ``invalid_request_error``, code the line's error
+    code (``invalid_json``, ``model_not_found``, ...), param the field at fault.
+
+    Args:
+        message: what went wrong, in one line.
+        type: OpenAI's error type (``invalid_request_error``, ``server_error``, ...).
+        param: the parameter at fault, a dotted path, or None.
+        code: a short machine-readable code, or None.
+    """
+    return _encode(ErrorBody(ErrorDetail(message, type, param, code)))

@@ -1,39 +1,27 @@
-"""Streaming reader: JSONL bytes → numbered lines, with BOM/CRLF/encoding/size problems as errors."""
-
-from __future__ import annotations
+"""Streaming reader: JSONL bytes → numbered lines, with BOM, CRLF, binary data and oversized lines handled."""
 
 from collections.abc import Iterator
 from typing import IO
 
-from batchllm.formats.models import InputLine, LineError
+from batchllm.formats.request import LineError
 
 _BOM = b"\xef\xbb\xbf"
 _UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 
 
-def iter_lines(stream: IO[bytes], max_line_bytes: int) -> Iterator[InputLine]:
-    """Stream a JSONL file line by line, keeping 1-based line numbers; memory stays flat.
+def iter_raw_lines(stream: IO[bytes], max_line_bytes: int) -> Iterator[tuple[int, bytes | None, LineError | None]]:
+    """Stream a JSONL file line by line with 1-based line numbers; memory stays flat.
 
-    Strips a UTF-8 BOM (at the start of any line, so concatenated files work) and CRLF endings,
-    yields blank lines as ``InputLine`` with neither text nor error (the caller counts them), and
-    turns undecodable, binary (NUL bytes, UTF-16) or oversized lines into errors.
+    Strips a UTF-8 BOM at the start of any line (so concatenated files work) and surrounding whitespace
+    (CRLF endings). A blank line is ``(n, None, None)``: the caller counts it. Binary data (NUL bytes, UTF-16)
+    and lines over the limit become errors. Lines are not decoded here: ``parse_line`` checks UTF-8 once.
 
     Args:
         stream: a binary file object.
-        max_line_bytes: longer lines are not parsed (and not held in memory beyond this size).
-    """
-    for line_no, text, error in iter_raw_lines(stream, max_line_bytes):
-        if error is not None:
-            yield InputLine(line_no=line_no, error=error)
-        else:
-            yield InputLine(line_no=line_no, text=text)
+        max_line_bytes: longer lines are reported, never held in memory beyond this size.
 
-
-def iter_raw_lines(stream: IO[bytes], max_line_bytes: int) -> Iterator[tuple[int, str | None, LineError | None]]:
-    """``iter_lines`` as plain ``(line_no, text, error)`` tuples: the same rules without a model per line.
-
-    The submit hot path uses this (a pydantic object per line costs more than reading the line).
-    A blank line is ``(n, None, None)``.
+    Yields:
+        ``(line_no, line, None)``, ``(line_no, None, error)`` or ``(line_no, None, None)`` for a blank line.
     """
     line_no = 0
     readline = stream.readline
@@ -57,7 +45,7 @@ def iter_raw_lines(stream: IO[bytes], max_line_bytes: int) -> Iterator[tuple[int
             continue
         stripped = raw.strip()
         if not stripped:
-            yield line_no, None, None  # blank: text None, error None
+            yield line_no, None, None
             continue
         if stripped.startswith(_UTF16_BOMS):
             msg = "the file is UTF-16 (it starts with a UTF-16 byte-order mark); save it as UTF-8"
@@ -68,15 +56,9 @@ def iter_raw_lines(stream: IO[bytes], max_line_bytes: int) -> Iterator[tuple[int
             msg = f"NUL byte (0x00) at column {nul + 1}: binary or UTF-16 data, not JSON text; save the file as UTF-8 JSONL"
             yield line_no, None, _read_error(line_no, "invalid_encoding", msg)
             continue
-        try:
-            text = stripped.decode("utf-8")
-        except UnicodeDecodeError as e:
-            msg = f"not valid UTF-8 (byte 0x{stripped[e.start]:02x} at column {e.start + 1}); save the file as UTF-8"
-            yield line_no, None, _read_error(line_no, "invalid_encoding", msg)
-            continue
-        yield line_no, text, None
+        yield line_no, stripped, None
 
 
 def _read_error(line_no: int, code: str, message: str) -> LineError:
-    """The error of a line that could not be read as text (its id is ``line-<n>``)."""
-    return LineError(line_no=line_no, custom_id=f"line-{line_no}", code=code, message=message)
+    """The error of a line that could not be read (its id is ``line-<n>``)."""
+    return LineError(line_no, f"line-{line_no}", code, message)

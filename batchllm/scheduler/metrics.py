@@ -1,35 +1,61 @@
-"""Prometheus metrics of the whole cluster, served by the scheduler on ``settings.metrics_port``.
+"""Prometheus metrics of the whole cluster, served by the active scheduler on ``metrics_address:metrics_port``.
 
 The scheduler is the one long-lived process that sees the store and the broker, so it exports what an
 operator graphs: batches by status, requests and generated tokens per model and per worker, tokens/s,
-queue depth per model and worker heartbeat age. Values are read from the store once per tick into a
-snapshot; a custom collector serves the last snapshot, so a scrape never touches the database.
+queue depth per model, worker heartbeat age, fencing refusals, leadership and tick time. Each tick the
+active scheduler reads one aggregate snapshot (``store.cluster.metrics``); a custom collector serves the
+last snapshot, so a scrape never touches the database. A standing-by scheduler exports only its own
+series (``batchllm_scheduler_is_leader 0``), so scraping both never counts the cluster twice.
+
+Label values are bounded: a model label is a catalog model name (a variant label, a catalog variant name),
+and anything else — a model named only by a rejected line, a local directory — is ``other``.
 """
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session
 
+from batchllm.catalog import Catalog
 from batchllm.errors import InputError
-from batchllm.status import BatchStatus, ChunkStatus
-from batchllm.store.models import Batch, Chunk, Request, Result, Worker
+from batchllm.status import BatchStatus
+from batchllm.store.cluster import MetricsRead
 
+OTHER = "other"
 # Tokens/s over this window: a worker writes results in bursts, so one tick's delta would be noise.
 RATE_WINDOW_S = 30.0
 # The per-model totals aggregate the whole results table: cheap enough every 15 s, wasteful every tick.
 RESULTS_REFRESH_S = 15.0
-# Workers not seen for this long drop out of the per-worker series (their counters stop being exported).
+# Workers not seen for this long drop out of the per-worker series.
 WORKER_FORGET_S = 24 * 3600.0
+TICK_WINDOW = 1000  # ticks the p50/p99 summary is computed over
+TICK_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+QUANTILES = (0.5, 0.9, 0.99)
+
+
+def model_labels(catalog: Catalog, ref: str | None) -> tuple[str, str]:
+    """``(model, variant)`` label values for a model name or ``name@variant``; unknown parts are ``other``.
+
+    Only the catalog's own names pass (aliases map to the name), never a local path, so the number of
+    series stays bounded whatever users write in their files.
+    """
+    if not ref:
+        return OTHER, OTHER
+    name, at, variant = ref.rpartition("@") if "@" in ref else (ref, "", "")
+    spec = catalog.find(name)
+    if spec is None:
+        return OTHER, OTHER
+    if not at:
+        return spec.name, ""
+    return spec.name, next((v.name for v in spec.variants if v.name.lower() == variant.lower()), OTHER)
 
 
 @dataclass
@@ -37,38 +63,44 @@ class Snapshot:
     """What the last refresh read; the collector renders it."""
 
     batches: dict[str, int] = field(default_factory=dict)
-    requests: dict[tuple[str, str], int] = field(default_factory=dict)  # (model, "completed"|"failed") → n
+    requests: dict[tuple[str, str], int] = field(default_factory=dict)  # (model, completed|failed) → n
     tokens_by_model: dict[str, int] = field(default_factory=dict)
     tokens_by_worker: dict[str, int] = field(default_factory=dict)
     requests_by_worker: dict[str, int] = field(default_factory=dict)
+    stale_by_worker: dict[str, int] = field(default_factory=dict)
     tps_by_model: dict[str, float] = field(default_factory=dict)
     tps_by_worker: dict[str, float] = field(default_factory=dict)
-    queue_depth: dict[str, int] = field(default_factory=dict)  # model ref → messages in Redis
-    open_chunks: dict[tuple[str, str], int] = field(default_factory=dict)  # (model ref, status) → n
+    queue_depth: dict[tuple[str, str], int] = field(default_factory=dict)  # (model, variant) → messages in Redis
+    open_chunks: dict[tuple[str, str, str], int] = field(default_factory=dict)  # (model, variant, status) → n
     heartbeat_age: dict[str, float] = field(default_factory=dict)
-    worker_info: dict[str, tuple[str, str]] = field(default_factory=dict)  # worker → (model, state)
-    tick_seconds: float = 0.0
-    last_tick: float = 0.0
-    tick_errors: int = 0
+    worker_info: dict[str, tuple[str, str, str]] = field(default_factory=dict)  # worker → (model, variant, state)
 
 
 class SchedulerMetrics:
-    """The scheduler's metrics: an own ``CollectorRegistry`` (never the global one) and its HTTP endpoint."""
+    """The scheduler's metrics: its own ``CollectorRegistry`` (never the global one) and HTTP endpoint."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.snapshot = Snapshot()
+        self.is_leader = False
+        self.tick_errors = 0
+        self.refused_writes = 0  # NotLeader: writes of this scheduler refused because another took over
+        self.last_tick = 0.0
+        self._ticks: deque[float] = deque(maxlen=TICK_WINDOW)
+        self._buckets = [0] * (len(TICK_BUCKETS) + 1)
+        self._tick_sum = 0.0
+        self._tick_count = 0
         self._token_history: dict[str, deque[tuple[float, int]]] = {}
-        self._results_at = 0.0
+        self._results_at: float | None = None
         self.registry.register(_SnapshotCollector(self))
 
-    def serve(self, port: int, addr: str = "0.0.0.0") -> int:
+    def serve(self, port: int, addr: str = "127.0.0.1") -> int:
         """Start the ``/metrics`` HTTP server in a daemon thread; returns the bound port (``port=0``: any free one)."""
         try:
             server, _thread = start_http_server(port, addr=addr, registry=self.registry)
         except OSError as e:
             raise InputError(f"cannot serve metrics on {addr}:{port}: {e.strerror}; pick another with --metrics-port "
-                             "or BATCHLLM_METRICS_PORT (0 turns metrics off)") from e
+                             "or BATCHLLM_METRICS_PORT (0 turns metrics off), or BATCHLLM_METRICS_ADDRESS") from e
         return int(server.server_port)
 
     def render(self) -> bytes:
@@ -76,54 +108,77 @@ class SchedulerMetrics:
         return generate_latest(self.registry)
 
     def record_tick(self, seconds: float, errors: int) -> None:
-        """Note how long a tick took and whether it met errors."""
-        self.snapshot.tick_seconds = seconds
-        self.snapshot.last_tick = time.time()
-        self.snapshot.tick_errors += errors
+        """Note how long an active tick took and how many of its steps failed."""
+        self.last_tick = time.time()
+        self.tick_errors += errors
+        self._ticks.append(seconds)
+        self._buckets[bisect.bisect_left(TICK_BUCKETS, seconds)] += 1
+        self._tick_sum += seconds
+        self._tick_count += 1
 
-    def set_queue_depths(self, depths: dict[str, int]) -> None:
+    def tick_quantiles(self) -> dict[float, float]:
+        """p50/p90/p99 of the last ``TICK_WINDOW`` active ticks (seconds); empty before the first."""
+        if not self._ticks:
+            return {}
+        ordered = sorted(self._ticks)
+        return {q: ordered[min(len(ordered) - 1, int(q * len(ordered)))] for q in QUANTILES}
+
+    def set_leader(self, leader: bool) -> None:
+        """Whether this scheduler is the active one; a standby forgets the cluster snapshot."""
+        if not leader and self.is_leader:
+            self.snapshot = Snapshot()
+            self._token_history.clear()
+            self._results_at = None
+        self.is_leader = leader
+
+    @property
+    def has_snapshot(self) -> bool:
+        """Whether a cluster snapshot was read since this scheduler became the active one."""
+        return bool(self.snapshot.batches)
+
+    def wants_results(self) -> bool:
+        """Whether this refresh should include the heavier result totals (every ``RESULTS_REFRESH_S``)."""
+        return self._results_at is None or time.monotonic() - self._results_at >= RESULTS_REFRESH_S
+
+    def set_queue_depths(self, depths: dict[str, int], catalog: Catalog) -> None:
         """Messages waiting per model ref (read by the dispatch step from Redis)."""
-        self.snapshot.queue_depth = dict(depths)
+        out: dict[tuple[str, str], int] = {}
+        for ref, n in depths.items():
+            key = model_labels(catalog, ref)
+            out[key] = out.get(key, 0) + n
+        self.snapshot.queue_depth = out
 
-    def refresh(self, session: Session, now: float | None = None) -> None:
-        """Read batches, chunks, workers and (every ``RESULTS_REFRESH_S``) result totals from the store."""
-        now = time.time() if now is None else now
+    def update(self, read: MetricsRead, catalog: Catalog) -> None:
+        """Take a ``store.cluster.metrics`` read into the snapshot (labels bounded by the catalog)."""
+        now = time.monotonic()
         snap = self.snapshot
-        snap.batches = {str(s): 0 for s in BatchStatus}
-        for status, n in session.execute(select(Batch.status, func.count()).group_by(Batch.status)):
-            snap.batches[status] = int(n)
-        snap.open_chunks = {
-            (model, status): int(n)
-            for model, status, n in session.execute(
-                select(Chunk.model, Chunk.status, func.count())
-                .where(Chunk.status.in_([ChunkStatus.QUEUED, ChunkStatus.LEASED]))
-                .group_by(Chunk.model, Chunk.status)
-            )
-        }
-        self._refresh_workers(session, now)
-        if now - self._results_at >= RESULTS_REFRESH_S:
-            self._refresh_results(session)
-            self._results_at = now
-
-    def _refresh_workers(self, session: Session, now: float) -> None:
-        snap = self.snapshot
-        rows = session.execute(
-            select(Worker.name, Worker.model, Worker.state, Worker.tokens_generated, Worker.requests_done, Worker.last_heartbeat)
-            .where(Worker.last_heartbeat >= now - WORKER_FORGET_S)
-        ).all()
-        snap.tokens_by_worker, snap.requests_by_worker, snap.heartbeat_age, snap.worker_info = {}, {}, {}, {}
-        snap.tps_by_worker, snap.tps_by_model = {}, {}
-        for name, model, state, tokens, done, beat in rows:
-            snap.tokens_by_worker[name] = int(tokens or 0)
-            snap.requests_by_worker[name] = int(done or 0)
-            snap.heartbeat_age[name] = max(0.0, now - beat)
-            snap.worker_info[name] = (model or "", state or "")
-            rate = self._rate(name, now, int(tokens or 0))
+        snap.batches = {str(s): 0 for s in BatchStatus} | read.batches
+        snap.open_chunks = {}
+        for (ref, status), n in read.open_chunks.items():
+            model, variant = model_labels(catalog, ref)
+            snap.open_chunks[(model, variant, status)] = snap.open_chunks.get((model, variant, status), 0) + n
+        snap.tokens_by_worker, snap.requests_by_worker, snap.stale_by_worker = {}, {}, {}
+        snap.heartbeat_age, snap.worker_info, snap.tps_by_worker, snap.tps_by_model = {}, {}, {}, {}
+        for name, (ref, state, tokens, done, stale, age) in read.workers.items():
+            model, variant = model_labels(catalog, ref) if ref else ("", "")
+            snap.tokens_by_worker[name], snap.requests_by_worker[name], snap.stale_by_worker[name] = tokens, done, stale
+            snap.heartbeat_age[name] = age
+            snap.worker_info[name] = (model, variant, state)
+            rate = self._rate(name, now, tokens)
             snap.tps_by_worker[name] = rate
             if model:  # a worker's tokens/s counts for the model it has loaded now
                 snap.tps_by_model[model] = snap.tps_by_model.get(model, 0.0) + rate
-        for gone in set(self._token_history) - set(snap.tokens_by_worker):
+        for gone in set(self._token_history) - set(read.workers):
             del self._token_history[gone]
+        if read.requests is not None and read.tokens_by_model is not None:
+            snap.requests, snap.tokens_by_model = {}, {}
+            for (ref, outcome), n in read.requests.items():
+                key = (model_labels(catalog, ref)[0], outcome)
+                snap.requests[key] = snap.requests.get(key, 0) + n
+            for ref, n in read.tokens_by_model.items():
+                model = model_labels(catalog, ref)[0]
+                snap.tokens_by_model[model] = snap.tokens_by_model.get(model, 0) + n
+            self._results_at = now
 
     def _rate(self, worker: str, now: float, tokens: int) -> float:
         hist = self._token_history.setdefault(worker, deque())
@@ -135,25 +190,6 @@ class SchedulerMetrics:
         (t0, k0), (t1, k1) = hist[0], hist[-1]
         return (k1 - k0) / (t1 - t0) if t1 > t0 else 0.0
 
-    def _refresh_results(self, session: Session) -> None:
-        snap = self.snapshot
-        requests: dict[tuple[str, str], int] = {}
-        tokens: dict[str, int] = {}
-        for model, ok, n, ctok in session.execute(
-            select(Result.model, Result.ok, func.count(), func.coalesce(func.sum(Result.completion_tokens), 0))
-            .group_by(Result.model, Result.ok)
-        ):
-            key = (model or "unknown", "completed" if ok else "failed")
-            requests[key] = requests.get(key, 0) + int(n)
-            tokens[model or "unknown"] = tokens.get(model or "unknown", 0) + int(ctok)
-        # Lines rejected at validation never get a result row but are failed requests all the same.
-        for model, n in session.execute(
-            select(Request.model, func.count()).where(Request.error_code.is_not(None)).group_by(Request.model)
-        ):
-            key = (model or "unknown", "failed")
-            requests[key] = requests.get(key, 0) + int(n)
-        snap.requests, snap.tokens_by_model = requests, tokens
-
 
 class _SnapshotCollector(Collector):
     """Renders the last snapshot (a scrape is cheap and never blocks on the database)."""
@@ -162,46 +198,66 @@ class _SnapshotCollector(Collector):
         self.owner = owner
 
     def collect(self) -> Iterator[Any]:
-        snap = self.owner.snapshot
-        g = GaugeMetricFamily("batchllm_batches", "Batches by status.", labels=["status"])
-        for status, n in sorted(snap.batches.items()):
-            g.add_metric([status], n)
-        yield g
-        c = CounterMetricFamily("batchllm_requests", "Finished requests per model and outcome.", labels=["model", "outcome"])
-        for (model, outcome), n in sorted(snap.requests.items()):
-            c.add_metric([model, outcome], n)
-        yield c
-        yield _family(CounterMetricFamily, "batchllm_model_generated_tokens", "Generated tokens per model.", "model",
-                      snap.tokens_by_model)
-        yield _family(CounterMetricFamily, "batchllm_worker_generated_tokens", "Generated tokens per worker.", "worker",
-                      snap.tokens_by_worker)
-        yield _family(CounterMetricFamily, "batchllm_worker_requests", "Requests finished per worker.", "worker",
-                      snap.requests_by_worker)
+        m, snap = self.owner, self.owner.snapshot
+        yield GaugeMetricFamily("batchllm_scheduler_is_leader", "1 while this scheduler is the active one.",
+                                value=1 if m.is_leader else 0)
+        yield CounterMetricFamily("batchllm_scheduler_refused_writes", "Writes of this scheduler refused because "
+                                  "another one had taken over (NotLeader).", value=m.refused_writes)
+        yield CounterMetricFamily("batchllm_scheduler_tick_errors", "Tick steps that failed (outages).", value=m.tick_errors)
+        yield GaugeMetricFamily("batchllm_scheduler_last_tick_timestamp_seconds", "When the last active tick ended.",
+                                value=m.last_tick)
+        yield from _tick_families(m)
+        if not m.is_leader:
+            return
+        yield _family(GaugeMetricFamily, "batchllm_batches", "Batches by status.", ["status"],
+                      {(k,): v for k, v in snap.batches.items()})
+        yield _family(CounterMetricFamily, "batchllm_requests", "Finished requests per model and outcome.",
+                      ["model", "outcome"], snap.requests)
+        yield _family(CounterMetricFamily, "batchllm_model_generated_tokens", "Generated tokens per model.", ["model"],
+                      {(k,): v for k, v in snap.tokens_by_model.items()})
         yield _family(GaugeMetricFamily, "batchllm_model_tokens_per_second",
-                      f"Generation throughput per model (last {RATE_WINDOW_S:g} s).", "model", snap.tps_by_model)
-        yield _family(GaugeMetricFamily, "batchllm_worker_tokens_per_second",
-                      f"Generation throughput per worker (last {RATE_WINDOW_S:g} s).", "worker", snap.tps_by_worker)
-        yield _family(GaugeMetricFamily, "batchllm_queue_depth", "Messages waiting in Redis per model queue.", "model",
-                      snap.queue_depth)
-        g = GaugeMetricFamily("batchllm_chunks_open", "Queued and leased chunks per model.", labels=["model", "status"])
-        for (model, status), n in sorted(snap.open_chunks.items()):
-            g.add_metric([model, status], n)
-        yield g
-        yield _family(GaugeMetricFamily, "batchllm_worker_heartbeat_age_seconds", "Seconds since each worker's heartbeat.",
-                      "worker", snap.heartbeat_age)
-        g = GaugeMetricFamily("batchllm_worker_info", "Each worker's model and state (value 1).",
-                              labels=["worker", "model", "state"])
-        for name, (model, state) in sorted(snap.worker_info.items()):
-            g.add_metric([name, model, state], 1)
-        yield g
-        yield GaugeMetricFamily("batchllm_scheduler_tick_seconds", "Duration of the last tick.", value=snap.tick_seconds)
-        yield GaugeMetricFamily("batchllm_scheduler_last_tick_timestamp_seconds", "When the last tick ended.",
-                                value=snap.last_tick)
-        yield CounterMetricFamily("batchllm_scheduler_tick_errors", "Tick steps that failed (outages).", value=snap.tick_errors)
+                      f"Generation throughput per model (last {RATE_WINDOW_S:g} s).", ["model"],
+                      {(k,): v for k, v in snap.tps_by_model.items()})
+        yield _family(GaugeMetricFamily, "batchllm_queue_depth", "Messages waiting in Redis per model queue.",
+                      ["model", "variant"], snap.queue_depth)
+        yield _family(GaugeMetricFamily, "batchllm_chunks_open", "Queued and leased chunks per model.",
+                      ["model", "variant", "status"], snap.open_chunks)
+        per_worker: list[tuple[Any, str, str, dict[str, Any]]] = [
+            (CounterMetricFamily, "batchllm_worker_generated_tokens", "Generated tokens per worker.", snap.tokens_by_worker),
+            (CounterMetricFamily, "batchllm_worker_requests", "Requests finished per worker.", snap.requests_by_worker),
+            (CounterMetricFamily, "batchllm_stale_writes_refused", "Result writes of a worker refused by fencing "
+             "(it had lost the chunk's lease).", snap.stale_by_worker),
+            (GaugeMetricFamily, "batchllm_worker_tokens_per_second",
+             f"Generation throughput per worker (last {RATE_WINDOW_S:g} s).", snap.tps_by_worker),
+            (GaugeMetricFamily, "batchllm_worker_heartbeat_age_seconds", "Seconds since each worker's heartbeat "
+             "(database clock).", snap.heartbeat_age),
+        ]
+        for cls, name, doc, values in per_worker:
+            yield _family(cls, name, doc, ["worker"], {(k,): v for k, v in values.items()})
+        yield _family(GaugeMetricFamily, "batchllm_worker_info", "Each worker's model and state (value 1).",
+                      ["worker", "model", "variant", "state"], {(w, *info): 1 for w, info in snap.worker_info.items()})
 
 
-def _family(cls: Any, name: str, doc: str, label: str, values: dict[str, Any]) -> Any:
-    fam = cls(name, doc, labels=[label])
+def _tick_families(m: SchedulerMetrics) -> Iterator[Any]:
+    """Tick time as a summary with p50/p90/p99 over recent ticks, and as a histogram for aggregation."""
+    summary = Metric("batchllm_scheduler_tick_seconds", f"Active tick duration (quantiles over the last {TICK_WINDOW} "
+                     "ticks).", "summary")
+    for q, v in m.tick_quantiles().items():
+        summary.add_sample("batchllm_scheduler_tick_seconds", {"quantile": f"{q:g}"}, v)
+    summary.add_sample("batchllm_scheduler_tick_seconds_count", {}, m._tick_count)
+    summary.add_sample("batchllm_scheduler_tick_seconds_sum", {}, m._tick_sum)
+    yield summary
+    hist = HistogramMetricFamily("batchllm_scheduler_tick_duration_seconds", "Active tick duration.")
+    cumulative, buckets = 0, []
+    for bound, n in zip([*map(str, TICK_BUCKETS), "+Inf"], m._buckets, strict=True):
+        cumulative += n
+        buckets.append((bound, cumulative))
+    hist.add_metric([], buckets, m._tick_sum)
+    yield hist
+
+
+def _family(cls: Any, name: str, doc: str, labels: list[str], values: Mapping[Any, Any]) -> Any:
+    fam = cls(name, doc, labels=labels)
     for key, value in sorted(values.items()):
-        fam.add_metric([key], value)
+        fam.add_metric(list(key), value)
     return fam

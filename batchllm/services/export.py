@@ -1,19 +1,25 @@
-"""``batchllm results``: write a batch's output and error lines in input order, streaming."""
+"""``batchllm results``: a batch's output and error lines in input order, as OpenAI writes them, streaming.
+
+Successes go to the output file and failures to the error file (never mixed unless asked): a 400 for a line
+rejected at submit and any 4xx/5xx of a request carry ``response`` with OpenAI's error body and
+``error: null``; a request that never got a response (expired, cancelled, failed batch) carries
+``response: null`` and ``error: {code, message}``. Lines are encoded by ``formats.output_line``, the one
+definition of the line, with the stored response body spliced in as it is.
+"""
 
 from __future__ import annotations
 
-import json
-import math
-import time
 from dataclasses import dataclass
-from json.encoder import encode_basestring as _q  # the quoting JSONEncoder(ensure_ascii=False) uses
 from typing import IO, Any
 
-from batchllm.formats import output_line, request_id_for
+from batchllm.errors import StateError
+from batchllm.formats import error_body, output_line, request_id_for
 from batchllm.settings import Settings
-from batchllm.store.batches import get_batch
-from batchllm.store.db import session_scope
-from batchllm.store.results import ExportRow, export_row, iter_export_rows
+from batchllm.status import BatchStatus
+from batchllm.store import batches
+from batchllm.store.results import iter_export
+
+_FLUSH = 1 << 20  # bytes buffered per file before a write
 
 
 @dataclass
@@ -25,160 +31,109 @@ class ExportCounts:
     pending: int = 0
 
 
-def row_to_line(row: ExportRow, meta: bool = False) -> dict[str, Any]:
-    """One OpenAI Batch output/error line (``meta`` adds worker, device, model and latency)."""
-    line = output_line(
-        row_id=row.row_id, custom_id=row.custom_id, kind=row.kind, ok=row.ok, status_code=row.status_code,
-        model=row.model, created=row.created, text=row.text, finish_reason=row.finish_reason,
-        prompt_tokens=row.prompt_tokens, completion_tokens=row.completion_tokens,
-        error_code=row.error_code, error_message=row.error_message,
-    )
-    if meta:
-        line["meta"] = {"line": row.line_no, "worker": row.worker, "device": row.device, "model": row.model,
-                        "latency_ms": None if row.latency_ms is None else round(row.latency_ms, 1)}
-    return line
+def check_finished(settings: Settings, batch_id: str, partial: bool, owner: str | None = None) -> batches.BatchRecord:
+    """The batch, if its results may be written now.
+
+    Raises:
+        StateError: the batch is still running and ``partial`` was not asked for.
+    """
+    b = batches.refresh(settings.database_url, batch_id) if owner is None else batches.get(settings.database_url, batch_id, owner)
+    if not b.terminal and not partial:
+        c = b.counts
+        raise StateError(f"batch {batch_id} is {b.status} ({c.completed + c.failed} of {c.total} requests done); wait "
+                         f"for it (`batchllm status {batch_id} --watch`) or pass --partial for what is done so far")
+    return b
 
 
-def export(settings: Settings, batch_id: str, out: IO[str], errors: IO[str] | None = None, meta: bool = False) -> ExportCounts:
-    """Write finished lines of a batch in input order.
+def export(settings: Settings, batch_id: str, out: IO[bytes] | None, errors: IO[bytes] | None, meta: bool = False,
+           combined: bool = False) -> ExportCounts:
+    """Write a batch's finished lines in input order.
 
     Args:
         settings: settings.
         batch_id: the batch.
-        out: where output lines go (and error lines too, when ``errors`` is None, so every line has a record).
-        errors: where error lines go, if separate.
-        meta: add a ``meta`` object per line.
+        out: where successes go (None: nowhere — counted only).
+        errors: where failures go (None: nowhere, unless ``combined``).
+        meta: add ``meta`` (line, worker, device, model, latency) to each line.
+        combined: failures go to ``out`` too, in input order.
     """
+    b = batches.get(settings.database_url, batch_id)
+    ended = _ended_code(b.status)
     counts = ExportCounts()
-    dumps = _DUMPS
-    with session_scope(settings.database_url) as s:
-        get_batch(s, batch_id)
-        buf_out: list[str] = []
-        buf_err: list[str] = []
-        for rows in iter_export_rows(s, batch_id):
-            for t in rows:
-                if t[5] is None:  # not rejected at validation (see store.results.export_row)
-                    if t[7] is None:  # no result yet
-                        counts.pending += 1
-                        continue
-                    if t[8] and not meta:  # the common line: a successful result
-                        text = _ok_tuple_text(t)
-                        if text is not None:
-                            buf_out.append(text)
-                            counts.outputs += 1
-                            continue
-                row = export_row(t)
-                text = _line_text(row, meta) or dumps(row_to_line(row, meta))
-                if row.ok or errors is None:
-                    buf_out.append(text)
+    buf_out: list[bytes] = []
+    buf_err: list[bytes] = []
+    size_out = size_err = 0
+    err_sink = out if combined else errors
+    for page in iter_export(settings.database_url, batch_id):
+        for t in page:
+            line, ok = _line(t, ended, meta)
+            if line is None:
+                counts.pending += 1
+                continue
+            if ok:
+                counts.outputs += 1
+                buf_out.append(line)
+                size_out += len(line)
+            else:
+                counts.errors += 1
+                if combined:
+                    buf_out.append(line)
+                    size_out += len(line)
                 else:
-                    buf_err.append(text)
-                if row.ok:
-                    counts.outputs += 1
-                else:
-                    counts.errors += 1
-                if len(buf_err) >= 2000 and errors is not None:
-                    errors.write("\n".join(buf_err) + "\n")
-                    buf_err.clear()
-            if buf_out:  # one write per page
-                buf_out.append("")  # the last line's newline, without copying the page once more
-                out.write("\n".join(buf_out))
-                buf_out.clear()
-        if buf_out:
-            out.write("\n".join(buf_out) + "\n")
-        if buf_err and errors is not None:
-            errors.write("\n".join(buf_err) + "\n")
+                    buf_err.append(line)
+                    size_err += len(line)
+        if size_out >= _FLUSH:
+            _write(out, buf_out)
+            size_out = 0
+        if size_err >= _FLUSH:
+            _write(err_sink, buf_err)
+            size_err = 0
+    _write(out, buf_out)
+    _write(err_sink, buf_err)
     return counts
 
 
-_DUMPS = json.JSONEncoder(ensure_ascii=False, separators=(", ", ": ")).encode
+def _write(sink: IO[bytes] | None, lines: list[bytes]) -> None:
+    if lines and sink is not None:
+        lines.append(b"")
+        sink.write(b"\n".join(lines))
+    lines.clear()
 
 
-def _ok_tuple_text(t: Any) -> str | None:
-    """``_line_text(export_row(t))`` for a successful result's export tuple, without the ``ExportRow``."""
-    return _ok_line(t[0], t[2], t[3], t[9] or 200, t[10] or t[4], t[11], t[12] or "", t[13], t[14] or 0, t[15] or 0)
+def _ended_code(status: str) -> tuple[str, str] | None:
+    """For a batch that ended, the error of requests that never got a response."""
+    st = BatchStatus(status)
+    if st == BatchStatus.EXPIRED:
+        return "batch_expired", "the batch expired (past its completion window) before this request ran"
+    if st == BatchStatus.CANCELLED:
+        return "batch_cancelled", "the batch was cancelled before this request ran"
+    if st == BatchStatus.FAILED:
+        return "batch_failed", "the batch failed validation, so no request ran; see the batch's errors"
+    if st == BatchStatus.COMPLETED:
+        return "request_lost", "no result was recorded for this request; `batchllm retry` runs it again"
+    return None
 
 
-_QUOTED_MODEL: dict[Any, str] = {}  # model → its quoted public name (a handful per batch)
-_QUOTED_FINISH: dict[Any, str] = {None: "null"}
+def _line(t: Any, ended: tuple[str, str] | None, meta: bool) -> tuple[bytes | None, bool]:
+    """One export tuple (``store.results.EXPORT_COLUMNS``) as its output line, and whether it is a success."""
+    rid = request_id_for(t[0])
+    extra = _meta(t) if meta else None
+    if t[5] is not None:  # rejected at submit: a 400 with OpenAI's error body
+        body = error_body(t[6] or "invalid request", "invalid_request_error", t[7], t[5])
+        return output_line(rid, t[2], 400, body, None, extra), False
+    if t[8] is None:  # no record yet
+        if ended is None:
+            return None, False
+        return output_line(rid, t[2], None, None, ended, extra), False
+    if t[9]:
+        return output_line(rid, t[2], t[10] or 200, t[11], None, extra), True
+    if t[10] is None:  # never got a response
+        return output_line(rid, t[2], None, None, (t[12] or "error", t[13] or "request failed"), extra), False
+    body = t[11] or error_body(t[13] or "request failed", "invalid_request_error" if t[10] < 500 else "server_error",
+                               None, t[12])
+    return output_line(rid, t[2], t[10], body, None, extra), False
 
 
-def _ok_line(row_id: Any, cid: Any, kind: Any, status: Any, model: Any, created: Any, text: Any, finish: Any,
-             ptok: Any, ctok: Any) -> str | None:
-    """A successful result's output line (no ``meta``), or None for a value of an unexpected type."""
-    if (type(row_id) is not int or type(cid) is not str or type(status) is not int or type(text) is not str
-            or type(ptok) is not int or type(ctok) is not int or not (kind is None or type(kind) is str)):
-        return None
-    qmodel = _QUOTED_MODEL.get(model)
-    if qmodel is None:
-        if not (model is None or type(model) is str):
-            return None
-        qmodel = _q((model or "").split("@", 1)[0])  # the name the user asked for; the variant is in --meta
-        if len(_QUOTED_MODEL) < 256:
-            _QUOTED_MODEL[model] = qmodel
-    fin = _QUOTED_FINISH.get(finish)
-    if fin is None:
-        if type(finish) is not str:
-            return None
-        fin = _q(finish)
-        if len(_QUOTED_FINISH) < 64:
-            _QUOTED_FINISH[finish] = fin
-    rid = f"batch_req_{row_id:012d}"  # formats.request_id_for
-    created = int(created or time.time())
-    head = f'{{"id": "{rid}", "custom_id": {_q(cid)}, "response": {{"status_code": {status}, "request_id": "{rid}", "body": '
-    usage = (f'"usage": {{"prompt_tokens": {ptok}, "completion_tokens": {ctok}, "total_tokens": {ptok + ctok}}}}}}}, '
-             '"error": null}')
-    if (kind or "chat") == "chat":
-        return (f'{head}{{"id": "chatcmpl-{rid}", "object": "chat.completion", "created": {created}, "model": {qmodel}, '
-                f'"choices": [{{"index": 0, "message": {{"role": "assistant", "content": {_q(text)}}}, "logprobs": null, '
-                f'"finish_reason": {fin}}}], {usage}')
-    return (f'{head}{{"id": "cmpl-{rid}", "object": "text_completion", "created": {created}, "model": {qmodel}, '
-            f'"choices": [{{"index": 0, "text": {_q(text)}, "logprobs": null, "finish_reason": {fin}}}], {usage}')
-
-
-def _line_text(row: ExportRow, meta: bool = False) -> str | None:
-    """``_DUMPS(row_to_line(row, meta))`` without building the dict: the same text, byte for byte.
-
-    The output line has a fixed shape, so it is written from a template with every value quoted or
-    formatted exactly as the JSON encoder would. Returns None for anything unusual (a value of an
-    unexpected type): the caller then takes the dict path.
-    """
-    if row.ok:
-        line = _ok_line(row.row_id, row.custom_id, row.kind, row.status_code or 200, row.model, row.created, row.text or "",
-                        row.finish_reason, row.prompt_tokens, row.completion_tokens)
-        if line is None:
-            return None
-        line = line[:-1]  # reopen the object for "meta"
-    else:
-        cid, status = row.custom_id, row.status_code
-        code, message = row.error_code or "error", row.error_message or "request failed"
-        if (type(row.row_id) is not int or type(cid) is not str or type(code) is not str or type(message) is not str
-                or not (status is None or type(status) is int)):
-            return None
-        rid = request_id_for(row.row_id)
-        qcode, qmsg = _q(code), _q(message)
-        if status:
-            err_type = "invalid_request_error" if status == 400 else "server_error"
-            response = (f'{{"status_code": {status}, "request_id": "{rid}", "body": {{"error": {{"message": {qmsg}, '
-                        f'"type": "{err_type}", "code": {qcode}}}}}}}')
-        else:
-            response = "null"
-        line = f'{{"id": "{rid}", "custom_id": {_q(cid)}, "response": {response}, "error": {{"code": {qcode}, "message": {qmsg}}}'
-    if meta:
-        parts = []
-        for v in (row.worker, row.device, row.model):
-            if v is not None and type(v) is not str:
-                return None
-            parts.append("null" if v is None else _q(v))
-        lat = row.latency_ms
-        if lat is None:
-            lat_text = "null"
-        elif type(lat) is float and math.isfinite(lat):
-            lat_text = repr(round(lat, 1))
-        else:
-            return None
-        if type(row.line_no) is not int:
-            return None
-        line += (f', "meta": {{"line": {row.line_no}, "worker": {parts[0]}, "device": {parts[1]}, "model": {parts[2]}, '
-                 f'"latency_ms": {lat_text}}}')
-    return line + "}"
+def _meta(t: Any) -> dict[str, Any]:
+    return {"line": t[1], "worker": t[15], "device": t[16], "model": t[14] or t[4],
+            "latency_ms": None if t[17] is None else round(t[17], 1)}

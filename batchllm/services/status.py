@@ -1,4 +1,4 @@
-"""Batch views for `status`, `--wait` and `--watch`: counts, progress, and the exit code of a finished batch."""
+"""Batch status: OpenAI's Batch object, waiting for a batch, and the exit code of a finished one."""
 
 from __future__ import annotations
 
@@ -6,79 +6,83 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
+
 from batchllm.errors import BatchFailed, BatchPartiallyFailed
+from batchllm.formats import Batch, BatchErrors, BatchFileError, BatchRequestCounts, unix, usage
 from batchllm.settings import Settings
 from batchllm.status import BatchStatus
-from batchllm.store.batches import counts, get_batch, list_batches, maybe_finalize
-from batchllm.store.db import session_scope
-from batchllm.store.models import Batch
+from batchllm.store import batches
+from batchllm.store.batches import BatchRecord
 
 
-def view(batch: Batch, c: Any) -> dict[str, Any]:
-    """A batch as plain JSON (OpenAI-like field names)."""
-    return {
-        "id": batch.id,
-        "name": batch.name,
-        "status": batch.status,
-        "model": batch.model,
-        "models": batch.models or {},
-        "priority": batch.priority,
-        "input": batch.input_name,
-        "request_counts": {"total": c.total, "completed": c.completed, "failed": c.failed},
-        "pending": c.pending,
-        "created_at": batch.created_at,
-        "started_at": batch.started_at,
-        "finished_at": batch.finished_at,
-        "expires_at": batch.expires_at,
-        "idempotency_key": batch.idempotency_key,
-    }
+def file_ids(b: BatchRecord) -> tuple[str, str | None, str | None]:
+    """The batch's input, output and error file ids, as OpenAI names them.
+
+    Output and error files exist once the batch ended, and only when they have lines (as OpenAI sets them).
+    A batch submitted from the CLI has no uploaded input file: its input file id names the batch's input.
+    """
+    key = b.id.removeprefix("batch_")
+    input_id = b.input_file_id or f"file-input-{key}"
+    if not b.terminal:
+        return input_id, None, None
+    out = f"file-output-{key}" if b.counts.completed else None
+    err = f"file-errors-{key}" if b.counts.failed else None
+    return input_id, out, err
 
 
-def batch_view(settings: Settings, batch_id: str, finalize: bool = True) -> dict[str, Any]:
-    """One batch's view; also finalizes it if everything is done (so waiting needs no scheduler)."""
-    with session_scope(settings.database_url) as s:
-        if finalize:
-            maybe_finalize(s, batch_id)
-            s.flush()
-        batch = get_batch(s, batch_id)
-        return view(batch, counts(s, batch))
+def openai_batch(b: BatchRecord) -> Batch:
+    """The OpenAI Batch object of a batch (every field; int timestamps)."""
+    input_id, out_id, err_id = file_ids(b)
+    c = b.counts
+    # The model the batch ran (as its responses name it); a --model default no line used is not it.
+    models = sorted({ref.split("@", 1)[0] for ref in b.models.values()})
+    model = models[0] if len(models) == 1 else None if models else b.model
+    errors = BatchErrors(data=[BatchFileError(**e) for e in b.errors]) if b.errors else None
+    return Batch(
+        id=b.id, endpoint=b.endpoint or "/v1/chat/completions", model=model,
+        errors=errors, input_file_id=input_id, completion_window=b.completion_window, status=BatchStatus(b.status),
+        output_file_id=out_id, error_file_id=err_id, created_at=int(b.created_at), in_progress_at=unix(b.in_progress_at),
+        expires_at=unix(b.expires_at), finalizing_at=unix(b.finalizing_at), completed_at=unix(b.completed_at),
+        failed_at=unix(b.failed_at), expired_at=unix(b.expired_at), cancelling_at=unix(b.cancelling_at),
+        cancelled_at=unix(b.cancelled_at), request_counts=BatchRequestCounts(total=c.total, completed=c.completed,
+                                                                             failed=c.failed),
+        usage=usage(c.input_tokens, c.output_tokens), metadata=b.meta,
+    )
 
 
-def recent(settings: Settings, limit: int = 20, active_only: bool = False) -> list[dict[str, Any]]:
-    """Recent batches, newest first."""
-    with session_scope(settings.database_url) as s:
-        return [view(b, counts(s, b)) for b in list_batches(s, limit, active_only)]
+def to_openai(b: BatchRecord) -> dict[str, Any]:
+    """The OpenAI Batch object as plain JSON data."""
+    return dict(msgspec.to_builtins(openai_batch(b)))
 
 
-def wait(
-    settings: Settings,
-    batch_id: str,
-    on_update: Callable[[dict[str, Any]], None] | None = None,
-    poll: float = 1.0,
-    timeout: float | None = None,
-) -> dict[str, Any]:
-    """Poll until the batch reaches a terminal status; returns its final view."""
+def view(b: BatchRecord) -> dict[str, Any]:
+    """What `status` shows a person (and `submit --wait --json`): the OpenAI object plus batchllm's extras."""
+    obj = to_openai(b)
+    obj["batchllm"] = {"name": b.name, "priority": b.priority, "models": b.models, "input": b.input_name,
+                       "pending": b.counts.pending, "invalid_lines": b.invalid, "blank_lines": b.blank_lines}
+    return obj
+
+
+def wait(settings: Settings, batch_id: str, on_update: Callable[[BatchRecord], None] | None = None, poll: float = 1.0,
+         timeout: float | None = None) -> BatchRecord:
+    """Poll until the batch reaches a terminal status (moving it on as needed: no scheduler required)."""
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
-        v = batch_view(settings, batch_id)
+        b = batches.refresh(settings.database_url, batch_id)
         if on_update:
-            on_update(v)
-        if BatchStatus(v["status"]).terminal:
-            return v
-        if deadline is not None and time.monotonic() > deadline:
-            return v
+            on_update(b)
+        if b.terminal or (deadline is not None and time.monotonic() > deadline):
+            return b
         time.sleep(poll)
 
 
-def raise_for_outcome(v: dict[str, Any]) -> None:
-    """Exit codes of the spec: 3 if some requests failed, 4 if the batch failed, was cancelled or expired."""
-    status = BatchStatus(v["status"])
+def raise_for_outcome(b: BatchRecord) -> None:
+    """Exit codes of the contract: 3 if some requests failed, 4 if the batch failed, was cancelled or expired."""
+    status = BatchStatus(b.status)
+    c = b.counts
+    summary = f"{c.completed} completed, {c.failed} failed of {c.total}"
     if status in (BatchStatus.FAILED, BatchStatus.CANCELLED, BatchStatus.EXPIRED):
-        raise BatchFailed(f"batch {v['id']} {status.value}: {_counts(v)}")
-    if status == BatchStatus.COMPLETED and v["request_counts"]["failed"]:
-        raise BatchPartiallyFailed(f"batch {v['id']} completed with failures: {_counts(v)}")
-
-
-def _counts(v: dict[str, Any]) -> str:
-    c = v["request_counts"]
-    return f"{c['completed']} completed, {c['failed']} failed of {c['total']}"
+        raise BatchFailed(f"batch {b.id} {status.value}: {summary}")
+    if status == BatchStatus.COMPLETED and c.failed:
+        raise BatchPartiallyFailed(f"batch {b.id} completed with failures: {summary}")

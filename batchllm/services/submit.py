@@ -1,53 +1,69 @@
-"""``batchllm submit``: stream a JSONL file into SQL, split it into chunks per model, dispatch the chunks."""
+"""``batchllm submit``: stream a JSONL file into SQL, split it into chunks per model, then dispatch them.
+
+Storing and dispatching are two steps on purpose: the batch id is known (and printed) as soon as the batch is
+committed, and a broker that fails afterwards loses nothing — the chunks wait in SQL with no message, and
+the scheduler sends them when the broker is back.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import io
 import json
-import logging
 import re
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 from celery import Celery
-from sqlalchemy import insert, select
-from sqlalchemy.exc import IntegrityError
 
 from batchllm.catalog import Catalog, load_catalog
-from batchllm.errors import InputError, ModelNotFound
-from batchllm.formats import LineError, iter_raw_lines, parse_line_record
-from batchllm.queue import ChunkMessage, dispatch, queue_name, scheduler_alive
+from batchllm.errors import InputError, ModelNotFound, StateError
+from batchllm.formats import LineError, Parsed, iter_raw_lines, parse_line
+from batchllm.placement.variants import KNOWN_WORKER_WINDOW_S, resolve_refs
+from batchllm.queue import dispatch, queue_name
 from batchllm.settings import Settings
-from batchllm.status import BatchStatus, ChunkStatus
-from batchllm.store import leases
-from batchllm.store.batches import new_batch_id, new_chunk_id
-from batchllm.store.db import session_scope
-from batchllm.store.ingest import RequestWriter
-from batchllm.store.models import Batch, Chunk
+from batchllm.status import BatchStatus, InvalidLines
+from batchllm.store import batches, leader
+from batchllm.store import dispatch as dispatch_rows
+from batchllm.store import workers as worker_rows
+from batchllm.store.batches import NewBatch, NewChunk, new_chunk_id
 
-log = logging.getLogger(__name__)
 _WINDOW = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
+FAIR_HEAD_CHUNKS = 2  # chunks a submit sends itself while a scheduler meters out the rest
+MAX_METADATA = 16
+MAX_ERRORS_IN_OBJECT = 100  # errors.data of a failed batch; every line's error is in the error file
 
 
 def parse_window(text: str) -> float:
     """``24h`` / ``30m`` / ``7d`` / ``90s`` → seconds."""
     m = _WINDOW.match(text)
-    if not m:
+    if not m or float(m[1]) <= 0:
         raise InputError(f"completion window '{text}' is not like 24h, 30m, 7d or 90s")
     return float(m[1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m[2]]
 
 
+def check_metadata(meta: dict[str, str] | None) -> dict[str, str] | None:
+    """OpenAI's metadata rules: at most 16 pairs, keys up to 64 characters, values up to 512."""
+    if not meta:
+        return None
+    if len(meta) > MAX_METADATA:
+        raise InputError(f"metadata has {len(meta)} pairs; at most {MAX_METADATA}")
+    for k, v in meta.items():
+        if not isinstance(k, str) or not isinstance(v, str) or not 0 < len(k) <= 64 or len(v) > 512:
+            raise InputError(f"metadata {k!r}: keys are 1-64 characters and values at most 512 (strings)")
+    return dict(meta)
+
+
 @dataclass
 class SubmitResult:
-    """What a submit did."""
+    """What a submit stored."""
 
     batch_id: str
     existing: bool = False
+    status: str = BatchStatus.IN_PROGRESS
     total: int = 0
     valid: int = 0
     invalid: int = 0
@@ -59,11 +75,7 @@ class SubmitResult:
 
 
 class _Hashing(io.RawIOBase):
-    """Wraps a binary stream to hash what is read, so stdin can be fingerprinted while streamed.
-
-    Used under an ``io.BufferedReader``: the hash is updated once per 1 MiB block read, and
-    ``readline`` stays the buffered reader's C implementation.
-    """
+    """Wraps a binary stream to hash what is read, so stdin can be fingerprinted while streamed."""
 
     def __init__(self, raw: IO[bytes]) -> None:
         super().__init__()
@@ -81,11 +93,6 @@ class _Hashing(io.RawIOBase):
         return n
 
 
-def _hashing_reader(raw: IO[bytes]) -> tuple[io.BufferedReader, _Hashing]:
-    hashing = _Hashing(raw)
-    return io.BufferedReader(hashing, buffer_size=1 << 20), hashing
-
-
 def file_sha256(path: Path) -> str:
     """Hash a file in 1 MiB blocks (used by `batchllm run` to find the batch to resume)."""
     sha = hashlib.sha256()
@@ -95,8 +102,10 @@ def file_sha256(path: Path) -> str:
     return sha.hexdigest()
 
 
-def open_input(source: str | Path) -> tuple[IO[bytes], str]:
-    """Open a path or ``-`` (stdin) for binary streaming; clear error when the file is missing."""
+def open_input(source: str | Path | IO[bytes]) -> tuple[IO[bytes], str]:
+    """Open a path, ``-`` (stdin) or an open binary stream; clear error when the file is missing."""
+    if not isinstance(source, str | Path):
+        return source, getattr(source, "name", "<upload>")
     if str(source) == "-":
         return sys.stdin.buffer, "<stdin>"
     path = Path(source)
@@ -122,208 +131,176 @@ def _model_checker(catalog: Catalog) -> Callable[[str], str | None]:
     return check
 
 
-def submit_file(
-    settings: Settings,
-    source: str | Path,
-    *,
-    app: Celery | None,
-    model: str | None = None,
-    name: str | None = None,
-    priority: int = 0,
-    strict: bool = False,
-    idempotency_key: str | None = None,
-    queue_anyway: bool = False,
-    completion_window: str | None = None,
-    on_progress: Callable[[int], None] | None = None,
-) -> SubmitResult:
-    """Validate and store a JSONL batch, then dispatch its chunks.
+@dataclass
+class _Tally:
+    """The hot loop's state while a file streams in."""
+
+    chunk_size: int
+    total: int = 0
+    valid: int = 0
+    invalid: int = 0
+    blank: int = 0
+    seen: set[str] = field(default_factory=set)
+    chunks: list[list[Any]] = field(default_factory=list)  # [chunk id, model name, size]
+    open_chunk: dict[str, list[Any]] = field(default_factory=dict)
+    errors: list[LineError] = field(default_factory=list)
+    endpoint: str | None = None
+
+    def chunk_for(self, model: str) -> str:
+        ck = self.open_chunk.get(model)
+        if ck is None or ck[2] >= self.chunk_size:
+            ck = self.open_chunk[model] = [new_chunk_id(), model, 0]
+            self.chunks.append(ck)
+        ck[2] += 1
+        return str(ck[0])
+
+
+def submit_file(settings: Settings, source: str | Path | IO[bytes], *, model: str | None = None, name: str | None = None,
+                priority: int = 0, strict: bool = False, idempotency_key: str | None = None,
+                queue_anyway: bool = False, completion_window: str | None = None,
+                metadata: dict[str, str] | None = None, owner: str | None = None, input_file_id: str | None = None,
+                on_invalid: InvalidLines = InvalidLines.RUN_VALID, endpoint: str | None = None,
+                on_progress: Callable[[int], None] | None = None) -> SubmitResult:
+    """Validate and store a JSONL batch (one transaction); nothing is dispatched here (see ``dispatch_new``).
 
     Args:
         settings: settings (database URL, chunk size, line size limit).
-        source: file path or ``-``.
-        app: Celery app to dispatch with; None stores the batch without sending (the embedded runner sends).
+        source: file path, ``-`` or an open binary stream.
         model: default model for lines that name none.
         name: a label for the batch.
         priority: 0-9, 9 most urgent.
-        strict: reject the whole file (exit 2) if any line is invalid.
+        strict: reject the whole file (exit 2, nothing stored) if any line is invalid.
         idempotency_key: same key → the existing batch is returned, nothing is stored twice.
         queue_anyway: queue work even if no known worker can host its model.
         completion_window: e.g. ``24h``; the batch expires after it.
+        metadata: OpenAI metadata (up to 16 string pairs).
+        owner: the API key that owns the batch (None: the CLI).
+        input_file_id: the uploaded file it came from (the HTTP API).
+        on_invalid: ``run_valid`` (default) or ``fail`` (OpenAI's rule: any invalid line fails the batch).
+        endpoint: the batch's endpoint (the HTTP API): lines with another url are invalid.
         on_progress: called with the number of lines read so far (every few thousand lines).
 
     Raises:
-        InputError: empty file, --strict with invalid lines, no valid lines, unknown flags' values.
+        InputError: empty file, --strict with invalid lines, bad flag values.
         NoCapacity: a model no known worker can host (unless ``queue_anyway``).
-        ServiceUnavailable: database or broker down.
+        ServiceUnavailable: the database is down.
     """
     if not 0 <= priority <= 9:
         raise InputError(f"--priority must be 0-9 (got {priority})")
-    window = parse_window(completion_window or settings.completion_window)
+    window_text = completion_window or settings.completion_window
+    window = parse_window(window_text)
+    meta = check_metadata(metadata)
     url = settings.database_url
-    if idempotency_key:
-        with session_scope(url) as s:
-            existing = s.scalar(select(Batch).where(Batch.idempotency_key == idempotency_key))
-            if existing is not None:
-                return SubmitResult(batch_id=existing.id, existing=True, total=existing.total, invalid=existing.invalid)
+    if idempotency_key and (found := batches.find_by_key(url, idempotency_key)) is not None:
+        return _existing(found)
     catalog = load_catalog(settings)
     check = _model_checker(catalog)
     stream, input_name = open_input(source)
-    reader, hashing = _hashing_reader(stream)
-    batch_id = new_batch_id()
-    now = time.time()
-    result = SubmitResult(batch_id=batch_id)
+    hashing = _Hashing(stream)
+    reader = io.BufferedReader(hashing, buffer_size=1 << 20)
+    spec = NewBatch(name=name, model=model, priority=priority, idempotency_key=idempotency_key, input_name=input_name,
+                    completion_window=window_text, window_s=window, meta=meta, owner=owner, input_file_id=input_file_id,
+                    on_invalid=str(on_invalid), endpoint=endpoint)
+    tally = _Tally(settings.chunk_size)
     try:
-        with session_scope(url) as s:
-            s.add(Batch(id=batch_id, name=name, status=BatchStatus.VALIDATING, model=model, priority=priority,
-                        idempotency_key=idempotency_key, input_name=input_name, created_at=now, expires_at=now + window))
-            s.flush()
-            writer = RequestWriter(s)
-            try:
-                chunks, names = _ingest(settings, batch_id, reader, writer, result, model, check, on_progress)
-                writer.flush()
-            except BaseException:
-                writer.abort()  # the COPY thread must let go of the connection before the rollback
-                raise
-            _check_file_level(result, input_name, strict, hashing.sha.hexdigest())
-            refs = _resolve(settings, catalog, names, queue_anyway)
-            result.models = refs
-            if chunks:
-                s.execute(insert(Chunk), [
-                    {"id": ck_id, "batch_id": batch_id, "model": refs[model_name], "queue": queue_name(refs[model_name]),
-                     "seq": seq, "size": size, "priority": priority, "status": ChunkStatus.QUEUED, "created_at": now,
-                     "attempts": 0}
-                    for seq, (ck_id, model_name, size) in enumerate(chunks, start=1)
-                ])
-            batch = s.get(Batch, batch_id)
-            assert batch is not None
-            batch.total = result.total
-            batch.invalid = result.invalid
-            batch.blank_lines = result.blank
-            batch.models = refs
-            batch.input_sha256 = hashing.sha.hexdigest()
-            batch.status = BatchStatus.IN_PROGRESS if result.valid else BatchStatus.COMPLETED
-            batch.started_at = time.time()
-            if not result.valid:
-                batch.finished_at = time.time()
-            result.chunks = len(chunks)
-    except IntegrityError as e:
-        if idempotency_key:  # lost a race with a concurrent submit of the same key
-            with session_scope(url) as s:
-                existing = s.scalar(select(Batch).where(Batch.idempotency_key == idempotency_key))
-                if existing is not None:
-                    return SubmitResult(batch_id=existing.id, existing=True, total=existing.total)
-        raise InputError(f"could not store the batch: {str(e.orig).splitlines()[0]}") from e
+        with batches.create(url, spec) as ing:
+            _ingest(ing, reader, tally, settings.max_line_bytes, model, check, endpoint, on_progress)
+            _check_file_level(tally, input_name, strict)
+            names = list(dict.fromkeys(ck[1] for ck in tally.chunks))
+            refs = _resolve(settings, catalog, names, queue_anyway) if names else {}
+            status, errors = _status(tally, on_invalid)
+            chunks = [] if status != BatchStatus.IN_PROGRESS else [
+                NewChunk(str(ck[0]), refs[ck[1]], queue_name(refs[ck[1]]), seq, ck[2]) for seq, ck in enumerate(tally.chunks, 1)]
+            ing.finish(chunks, total=tally.total, invalid=tally.invalid, blank=tally.blank,
+                       models=refs, input_sha256=hashing.sha.hexdigest(), status=status, errors=errors,
+                       endpoint=tally.endpoint)
+    except StateError:  # the idempotency key was taken by a concurrent submit: that batch is the answer
+        found = batches.find_by_key(url, idempotency_key or "")
+        if found is None:
+            raise
+        return _existing(found)
     finally:
-        if stream is not sys.stdin.buffer:
+        if stream is not sys.stdin.buffer and isinstance(source, str | Path):
             stream.close()
-    if app is not None and result.chunks:
-        # With a scheduler running, it meters the rest out fairly (priority, then round-robin across batches);
-        # without one, every chunk is sent now so the batch runs on workers alone.
-        limit = FAIR_HEAD_CHUNKS if scheduler_alive(app) else None
-        result.dispatched = dispatch_batch(settings, app, batch_id, limit=limit)
-    return result
+    return SubmitResult(batch_id=ing.batch_id, status=status, total=tally.total, valid=tally.valid,
+                        invalid=tally.invalid, blank=tally.blank, chunks=len(chunks), models=refs, errors=tally.errors[:20])
 
 
-def _ingest(
-    settings: Settings,
-    batch_id: str,
-    reader: IO[bytes],
-    writer: RequestWriter,
-    result: SubmitResult,
-    model: str | None,
-    check: Callable[[str], str | None],
-    on_progress: Callable[[int], None] | None,
-) -> tuple[list[tuple[str, str, int]], dict[str, int]]:
-    """Validate every line and hand its request row to ``writer``; the hot loop of a submit.
-
-    Returns:
-        The chunks in sequence order as ``(chunk id, model name, size)``, and the valid lines per model name.
-    """
-    chunk_size = settings.chunk_size
-    add = writer.add
-    seen: set[str] = set()
-    chunks: list[tuple[str, str, int]] = []
-    # per model name: [chunk id, index in ``chunks``, rows so far]; chunk sizes are written into ``chunks`` when full
-    open_chunk: dict[str, list[Any]] = {}
-    valid = invalid = total = 0
-    for line_no, text, error in iter_raw_lines(reader, settings.max_line_bytes):
-        if on_progress and line_no % 5000 == 0:
+def _ingest(ing: batches.BatchIngest, reader: IO[bytes], t: _Tally, max_line_bytes: int, model: str | None,
+            check: Callable[[str], str | None], endpoint: str | None, on_progress: Callable[[int], None] | None) -> None:
+    """The hot loop of a submit: validate every line and hand its row to the store's bulk writer."""
+    add, batch_id = ing.add, ing.batch_id
+    for line_no, text, error in iter_raw_lines(reader, max_line_bytes):
+        if on_progress is not None and line_no % 5000 == 0:
             on_progress(line_no)
-        if text is None:
-            if error is None:
-                result.blank += 1
-                continue
-            parsed: tuple[str, str, str, str] | LineError = error
-        else:
-            parsed = parse_line_record(line_no, text, model, check)
-        total += 1
-        if type(parsed) is tuple:
-            cid, model_name, kind, body = parsed
-            if cid in seen:
-                parsed = LineError(line_no=line_no, custom_id=cid, code="duplicate_custom_id",
-                                   message=f"custom_id {json.dumps(cid, ensure_ascii=False)[:80]} is used by an earlier line; "
-                                   "ids must be unique in a batch")
+        if text is None and error is None:
+            t.blank += 1
+            continue
+        t.total += 1
+        parsed: Parsed | LineError = error if error is not None else parse_line(line_no, text or b"", model, check)
+        if type(parsed) is Parsed:
+            ep = parsed.endpoint.value
+            if parsed.custom_id in t.seen:
+                parsed = LineError(line_no=line_no, custom_id=parsed.custom_id, code="duplicate_custom_id",
+                                   message=f"custom_id {json.dumps(parsed.custom_id, ensure_ascii=False)[:80]} is used by "
+                                   "an earlier line; ids must be unique in a batch", param="custom_id")
+            elif endpoint is not None and ep != endpoint:
+                parsed = LineError(line_no=line_no, custom_id=parsed.custom_id, code="mismatched_endpoint",
+                                   message=f"url {ep} does not match the batch's endpoint {endpoint}", param="url")
             else:
-                seen.add(cid)
-                valid += 1
-                oc = open_chunk.get(model_name)
-                if oc is None or oc[2] >= chunk_size:
-                    if oc is not None:
-                        chunks[oc[1]] = (oc[0], model_name, oc[2])
-                    oc = open_chunk[model_name] = [new_chunk_id(), len(chunks), 0]
-                    chunks.append((oc[0], model_name, 0))
-                oc[2] += 1
-                add((batch_id, line_no, cid, model_name, kind, oc[0], body, None, None))
+                t.seen.add(parsed.custom_id)
+                t.valid += 1
+                t.endpoint = t.endpoint or ep
+                add((batch_id, line_no, parsed.custom_id, parsed.model, ep, t.chunk_for(parsed.model), parsed.body,
+                     None, None, None))
                 continue
         assert isinstance(parsed, LineError)
-        invalid += 1
-        if len(result.errors) < 20:
-            result.errors.append(parsed)
+        t.invalid += 1
+        if len(t.errors) < MAX_ERRORS_IN_OBJECT:
+            t.errors.append(parsed)
         add((batch_id, parsed.line_no, parsed.custom_id, parsed.model, None, None, None, parsed.code,
-             f"line {parsed.line_no}: {parsed.message}"))
-    for model_name, (ck_id, idx, size) in open_chunk.items():
-        chunks[idx] = (ck_id, model_name, size)
-    names: dict[str, int] = {}  # in order of each model's first valid line
-    for _ck_id, model_name, size in chunks:
-        names[model_name] = names.get(model_name, 0) + size
-    result.total, result.valid, result.invalid = total, valid, invalid
-    return chunks, names
+             f"line {parsed.line_no}: {parsed.message}", parsed.param))
 
 
-def _check_file_level(result: SubmitResult, input_name: str, strict: bool, sha: str) -> None:
-    if result.total == 0:
+def _check_file_level(t: _Tally, input_name: str, strict: bool) -> None:
+    if t.total == 0:
         raise InputError(f"{input_name}: no requests (the file is empty or has only blank lines)")
-    if strict and result.invalid:
-        first = result.errors[0]
-        raise InputError(
-            f"{input_name}:{first.line_no}: {first.message} "
-            f"({result.invalid} invalid line(s); --strict rejects the file, nothing was stored)"
-        )
+    if strict and t.invalid:
+        first = t.errors[0]
+        raise InputError(f"{input_name}:{first.line_no}: {first.message} "
+                         f"({t.invalid} invalid line(s); --strict rejects the file, nothing was stored)")
 
 
-def _resolve(settings: Settings, catalog: Catalog, names: dict[str, int], queue_anyway: bool) -> dict[str, str]:
-    from batchllm.scheduler.placement import resolve_refs
+def _status(t: _Tally, on_invalid: InvalidLines) -> tuple[BatchStatus, list[dict[str, Any]] | None]:
+    """A batch with no valid line, or any invalid line under ``fail``, is ``failed`` with OpenAI's ``errors``."""
+    if t.valid and not (t.invalid and on_invalid == InvalidLines.FAIL):
+        return BatchStatus.IN_PROGRESS, None
+    return BatchStatus.FAILED, [{"code": e.code, "message": e.message, "line": e.line_no, "param": e.param}
+                                for e in t.errors[:MAX_ERRORS_IN_OBJECT]]
 
-    return resolve_refs(settings, catalog, list(names), queue_anyway=queue_anyway)
+
+def _resolve(settings: Settings, catalog: Catalog, names: list[str], queue_anyway: bool) -> dict[str, str]:
+    url = settings.database_url
+    live = worker_rows.live_workers(url, settings.heartbeat_timeout)
+    known = worker_rows.all_workers(url, seen_within=KNOWN_WORKER_WINDOW_S)
+    return resolve_refs(settings, catalog, names, live, known, queue_anyway=queue_anyway)
 
 
-FAIR_HEAD_CHUNKS = 2  # chunks a submit sends itself while a scheduler meters out the rest
+def _existing(b: batches.BatchRecord) -> SubmitResult:
+    return SubmitResult(batch_id=b.id, existing=True, status=b.status, total=b.total, invalid=b.invalid,
+                        blank=b.blank_lines, models=dict(b.models))
 
 
-def dispatch_batch(
-    settings: Settings, app: Celery, batch_id: str, only_undispatched: bool = True, limit: int | None = None
-) -> int:
-    """Send a message for the queued chunks of a batch (in seq order, the first ``limit`` or all) and record it."""
-    with session_scope(settings.database_url) as s:
-        q = (select(Chunk.id, Chunk.batch_id, Chunk.model, Chunk.size, Chunk.queue, Chunk.priority)
-             .where(Chunk.batch_id == batch_id, Chunk.status == ChunkStatus.QUEUED).order_by(Chunk.seq))
-        if only_undispatched:
-            q = q.where(Chunk.dispatched_at.is_(None))
-        if limit is not None:
-            q = q.limit(limit)
-        chunks = s.execute(q).all()
-    msgs = [(ChunkMessage(chunk_id=c.id, batch_id=c.batch_id, model=c.model, size=c.size), c.queue, c.priority) for c in chunks]
-    sent = dispatch(app, msgs)
-    with session_scope(settings.database_url) as s:
-        leases.mark_dispatched(s, [c.id for c in chunks])
+def dispatch_new(settings: Settings, app: Celery, batch_id: str) -> int:
+    """Send the new batch's first chunks. With an active scheduler it meters out the rest fairly (priority, then
+    round-robin across batches); without one every chunk is sent now, so the batch runs on workers alone.
+
+    Raises:
+        ServiceUnavailable: the broker is down (the batch is stored; the scheduler sends it when Redis is back).
+    """
+    lead = leader.current(settings.database_url)
+    limit = FAIR_HEAD_CHUNKS if lead is not None and lead.active else None
+    refs = dispatch_rows.of_batch(settings.database_url, batch_id, limit=limit)
+    sent = dispatch(app, refs)
+    dispatch_rows.mark_sent(settings.database_url, [r.id for r in refs])
     return sent

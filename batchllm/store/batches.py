@@ -1,18 +1,24 @@
-"""Batch-level queries: counts, finalization, cancel, retry, expiry."""
+"""Batches: creation (streamed ingest), reading, and the state-checked actions cancel, retry and expire."""
 
 from __future__ import annotations
 
-import time
+import contextlib
 import uuid
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, fields
 from typing import Any
 
-from sqlalchemy import and_, case, delete, func, insert, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import delete, insert, select, update
+from sqlalchemy.exc import IntegrityError
 
-from batchllm.errors import NotFound
+from batchllm.errors import InputError, NotFound, StateError
 from batchllm.status import TERMINAL_BATCH, BatchStatus, ChunkStatus
-from batchllm.store.db import rowcount
+from batchllm.store import lifecycle
+from batchllm.store.clock import db_now
+from batchllm.store.db import rowcount, session_scope
+from batchllm.store.ingest import RequestWriter
+from batchllm.store.leader import LeaderFence, guard
+from batchllm.store.lifecycle import Counts
 from batchllm.store.models import Batch, Chunk, Request, Result
 
 
@@ -27,214 +33,341 @@ def new_chunk_id() -> str:
 
 
 @dataclass(frozen=True)
-class Counts:
-    """OpenAI's request counts; ``completed + failed + pending == total`` always."""
+class BatchRecord:
+    """A batch row as data, with its counts (sealed when finished)."""
 
+    id: str
+    name: str | None
+    status: str
+    endpoint: str | None
+    model: str | None
+    priority: int
+    idempotency_key: str | None
+    owner: str | None
+    input_file_id: str | None
+    input_name: str | None
+    input_sha256: str | None
+    on_invalid: str
     total: int
-    completed: int
-    failed: int
+    invalid: int
+    blank_lines: int
+    models: dict[str, str]
+    completion_window: str
+    meta: dict[str, str] | None
+    errors: list[dict[str, Any]] | None
+    created_at: float
+    in_progress_at: float | None
+    finalizing_at: float | None
+    completed_at: float | None
+    failed_at: float | None
+    cancelling_at: float | None
+    cancelled_at: float | None
+    expired_at: float | None
+    expires_at: float | None
+    counts: Counts
 
     @property
-    def pending(self) -> int:
-        """Requests with no result yet."""
-        return max(0, self.total - self.completed - self.failed)
+    def terminal(self) -> bool:
+        """True once the batch will not change any more."""
+        return BatchStatus(self.status) in TERMINAL_BATCH
 
 
-def get_batch(session: Session, batch_id: str) -> Batch:
-    """Load a batch or raise ``NotFound`` (exit 2) with a hint."""
-    batch = session.get(Batch, batch_id)
-    if batch is None:
-        raise NotFound(f"no batch '{batch_id}'; `batchllm status` lists batches")
-    return batch
+_RECORD_FIELDS = [f.name for f in fields(BatchRecord) if f.name != "counts"]
 
 
-def counts(session: Session, batch: Batch) -> Counts:
-    """Count results of a batch (one indexed aggregate query)."""
-    row = session.execute(
-        select(
-            func.count(),
-            func.coalesce(func.sum(case((Result.ok.is_(True), 1), else_=0)), 0),
-        ).where(Result.batch_id == batch.id)
-    ).one()
-    n_results, n_ok = int(row[0]), int(row[1])
-    return Counts(total=batch.total, completed=n_ok, failed=batch.invalid + (n_results - n_ok))
+def _record(s: Any, b: Batch) -> BatchRecord:
+    data = {k: getattr(b, k) for k in _RECORD_FIELDS}
+    data["models"] = dict(b.models or {})
+    return BatchRecord(**data, counts=lifecycle.counts_of(s, b))
 
 
-def maybe_finalize(session: Session, batch_id: str) -> str | None:
-    """Move a batch to its end state once nothing is pending; safe to call from anyone, any time.
+# ------------------------------------------------------------------------------------------------ creation
 
-    Returns:
-        The new status if it changed, else None.
+
+@dataclass
+class NewBatch:
+    """What a submit knows before reading the file."""
+
+    name: str | None
+    model: str | None
+    priority: int
+    idempotency_key: str | None
+    input_name: str
+    completion_window: str
+    window_s: float
+    meta: dict[str, str] | None = None
+    owner: str | None = None
+    input_file_id: str | None = None
+    on_invalid: str = "run_valid"
+    endpoint: str | None = None
+
+
+@dataclass(frozen=True)
+class NewChunk:
+    """A chunk of the batch being created."""
+
+    id: str
+    model: str  # name@variant
+    queue: str
+    seq: int
+    size: int
+
+
+class BatchIngest:
+    """A batch being stored: request rows stream in through :meth:`add`; :meth:`finish` ends it (one transaction)."""
+
+    def __init__(self, session: Any, batch_id: str, spec: NewBatch) -> None:
+        self.batch_id = batch_id
+        self._s = session
+        self._spec = spec
+        self.writer = RequestWriter(session)
+        self.add = self.writer.add
+
+    def finish(self, chunks: Sequence[NewChunk], total: int, invalid: int, blank: int, models: dict[str, str],
+               input_sha256: str | None, status: BatchStatus, errors: list[dict[str, Any]] | None = None,
+               endpoint: str | None = None) -> None:
+        """Write the last rows and the chunks, and set the batch's totals and status."""
+        self.writer.flush()
+        if chunks:
+            self._s.execute(insert(Chunk), [
+                {"id": c.id, "batch_id": self.batch_id, "model": c.model, "queue": c.queue, "seq": c.seq, "size": c.size,
+                 "priority": self._spec.priority, "status": ChunkStatus.QUEUED, "created_at": 0.0, "attempt": 0}
+                for c in chunks
+            ])
+            self._s.execute(update(Chunk).where(Chunk.batch_id == self.batch_id).values(created_at=db_now()))
+        stamp = {BatchStatus.IN_PROGRESS: "in_progress_at", BatchStatus.FAILED: "failed_at",
+                 BatchStatus.COMPLETED: "completed_at"}[status]
+        values: dict[str, Any] = {"total": total, "invalid": invalid, "blank_lines": blank, "models": models,
+                                  "input_sha256": input_sha256, "status": status, "errors": errors,
+                                  "endpoint": endpoint or self._spec.endpoint, stamp: db_now()}
+        if status != BatchStatus.IN_PROGRESS:  # nothing will run: the numbers are final now
+            values.update(completed_count=0, failed_count=total, input_tokens=0, output_tokens=0)
+        self._s.execute(update(Batch).where(Batch.id == self.batch_id).values(**values))
+
+
+@contextlib.contextmanager
+def create(url: str, spec: NewBatch) -> Iterator[BatchIngest]:
+    """Store a new batch in one transaction: ``with create(url, spec) as ing: ing.add(row) …; ing.finish(…)``.
+
+    An exception inside the block rolls everything back (nothing is stored half-way).
+
+    Raises:
+        StateError: the idempotency key belongs to a batch stored meanwhile (the caller returns that batch).
     """
-    batch = session.get(Batch, batch_id, with_for_update=False)
-    if batch is None or BatchStatus(batch.status) in TERMINAL_BATCH:
-        return None
-    c = counts(session, batch)
-    open_chunks = session.scalar(
-        select(func.count()).where(Chunk.batch_id == batch_id, Chunk.status.in_([ChunkStatus.QUEUED, ChunkStatus.LEASED]))
-    )
-    now = time.time()
-    if batch.status == BatchStatus.CANCELLING:
-        leased = session.scalar(select(func.count()).where(Chunk.batch_id == batch_id, Chunk.status == ChunkStatus.LEASED))
-        if leased:
-            return None
-        _fill_missing(session, batch_id, "batch_cancelled", "the batch was cancelled before this request ran")
-        new = BatchStatus.CANCELLED
-    elif c.pending == 0 and not open_chunks:
-        new = BatchStatus.COMPLETED
-    else:
-        return None
-    res = session.execute(
-        update(Batch).where(Batch.id == batch_id, Batch.status == batch.status).values(status=new, finished_at=now)
-    )
-    return new if rowcount(res) else None
+    batch_id = new_batch_id()
+    try:
+        with session_scope(url) as s:
+            s.execute(insert(Batch).values(
+                id=batch_id, name=spec.name, status=BatchStatus.VALIDATING, model=spec.model, priority=spec.priority,
+                idempotency_key=spec.idempotency_key, owner=spec.owner, input_file_id=spec.input_file_id,
+                input_name=spec.input_name, on_invalid=spec.on_invalid, completion_window=spec.completion_window,
+                meta=spec.meta, endpoint=spec.endpoint, created_at=db_now(), expires_at=db_now() + spec.window_s,
+                total=0, invalid=0, blank_lines=0,
+            ))
+            ingest = BatchIngest(s, batch_id, spec)
+            try:
+                yield ingest
+            except BaseException:
+                ingest.writer.abort()  # the COPY thread must let go of the connection before the rollback
+                raise
+    except IntegrityError as e:
+        if spec.idempotency_key and "idempotency" in str(e.orig).lower():
+            raise StateError(f"idempotency key {spec.idempotency_key!r} was used by a concurrent submit") from e
+        raise InputError(f"could not store the batch: {str(e.orig).splitlines()[0]}") from e
 
 
-def _fill_missing(session: Session, batch_id: str, code: str, message: str) -> int:
-    """Give every request without a result an error result, so counts add up after cancel/expiry."""
-    return _error_results(session, Request.batch_id == batch_id, code, message, status_code=0)
+# ------------------------------------------------------------------------------------------------ reading
 
 
-def _error_results(session: Session, scope: Any, code: str, message: str, status_code: int) -> int:
-    """Insert an error result for each request in ``scope`` that passed validation and has no result yet."""
-    missing = (
-        select(Request.id, Request.batch_id, Request.model)
-        .outerjoin(Result, Result.request_id == Request.id)
-        .where(scope, Request.error_code.is_(None), Result.request_id.is_(None))
-    )
-    now = time.time()
-    rows = [
-        {
-            "request_id": rid,
-            "batch_id": bid,
-            "ok": False,
-            "status_code": status_code,
-            "error_code": code,
-            "error_message": message,
-            "model": model,
-            "created_at": now,
-            "prompt_tokens": 0,
-            "completion_tokens": 0,
-            "attempt": 0,
-        }
-        for rid, bid, model in session.execute(missing)
-    ]
-    if rows:
-        session.execute(insert(Result), rows)
-    return len(rows)
+def get(url: str, batch_id: str, owner: str | None = None) -> BatchRecord:
+    """A batch and its counts; ``owner`` restricts to one API key's batches.
 
-
-def fail_chunks(session: Session, ref: str, code: str, message: str, status_code: int = 503) -> list[str]:
-    """Fail the queued chunks of ``ref`` (a model nobody can load): every request without a result gets an error.
-
-    Used by the scheduler when the only workers that could host ``ref`` failed to load it, so the batch
-    ends with a clear message instead of waiting forever. Leased chunks are left to their worker.
-
-    Returns:
-        The ids of the batches touched (the caller runs ``maybe_finalize`` on each).
+    Raises:
+        NotFound: no such batch (or not this owner's).
     """
-    chunk_ids = list(session.scalars(select(Chunk.id).where(Chunk.model == ref, Chunk.status == ChunkStatus.QUEUED)))
-    now = time.time()
-    batch_ids: set[str] = set()
-    for i in range(0, len(chunk_ids), 500):  # bounded IN lists
-        # Flip the chunks first: only those still queued (not claimed meanwhile) get error results.
-        done = session.execute(
-            update(Chunk)
-            .where(Chunk.id.in_(chunk_ids[i : i + 500]), Chunk.status == ChunkStatus.QUEUED)
-            .values(status=ChunkStatus.DONE, finished_at=now, lease_expires_at=None)
-            .returning(Chunk.id, Chunk.batch_id)
-            .execution_options(synchronize_session=False)
-        ).all()
-        if not done:
-            continue
-        batch_ids.update(bid for _, bid in done)
-        _error_results(session, Request.chunk_id.in_([cid for cid, _ in done]), code, message, status_code)
-    return sorted(batch_ids)
+    with session_scope(url) as s:
+        b = s.get(Batch, batch_id)
+        if b is None or (owner is not None and b.owner != owner):
+            raise NotFound(f"no batch '{batch_id}'; `batchllm status` lists batches")
+        return _record(s, b)
 
 
-def cancel(session: Session, batch_id: str) -> str:
-    """Stop dispatch at once: queued chunks are cancelled; leased ones finish what is in the engine."""
-    batch = get_batch(session, batch_id)
-    if BatchStatus(batch.status) in TERMINAL_BATCH:
-        return batch.status
-    session.execute(
-        update(Chunk)
-        .where(Chunk.batch_id == batch_id, Chunk.status == ChunkStatus.QUEUED)
-        .values(status=ChunkStatus.CANCELLED, finished_at=time.time())
-    )
-    session.execute(update(Batch).where(Batch.id == batch_id).values(status=BatchStatus.CANCELLING))
-    session.flush()
-    return maybe_finalize(session, batch_id) or BatchStatus.CANCELLING
+def find_by_key(url: str, idempotency_key: str) -> BatchRecord | None:
+    """The batch stored under an idempotency key, if any."""
+    with session_scope(url) as s:
+        b = s.scalar(select(Batch).where(Batch.idempotency_key == idempotency_key))
+        return _record(s, b) if b is not None else None
 
 
-def expire(session: Session, batch_id: str) -> bool:
-    """Expire a batch past its completion window: stop its work and fail what did not run."""
-    res = session.execute(
-        update(Batch)
-        .where(Batch.id == batch_id, Batch.status.in_([BatchStatus.IN_PROGRESS, BatchStatus.VALIDATING]))
-        .values(status=BatchStatus.EXPIRED, finished_at=time.time())
-    )
-    if not rowcount(res):
-        return False
-    session.execute(
-        update(Chunk)
-        .where(Chunk.batch_id == batch_id, Chunk.status.in_([ChunkStatus.QUEUED, ChunkStatus.LEASED]))
-        .values(status=ChunkStatus.CANCELLED, finished_at=time.time())
-    )
-    _fill_missing(session, batch_id, "batch_expired", "the batch expired (past its completion window) before this request ran")
-    return True
-
-
-def retry_failed(session: Session, batch_id: str, chunk_size: int) -> list[Chunk]:
-    """Queue the failed requests of a batch again (validation failures excepted: they would fail again).
-
-    Returns:
-        The new chunks, to be dispatched by the caller after commit.
-    """
-    batch = get_batch(session, batch_id)
-    failed = session.execute(
-        select(Request.id, Request.model, Chunk.model, Chunk.queue)
-        .join(Result, Result.request_id == Request.id)
-        .join(Chunk, Chunk.id == Request.chunk_id)
-        .where(Request.batch_id == batch_id, Result.ok.is_(False))
-        .order_by(Request.line_no)
-    ).all()
-    if not failed:
-        return []
-    by_model: dict[tuple[str, str], list[int]] = {}
-    for rid, _name, ref, queue in failed:
-        by_model.setdefault((ref, queue), []).append(rid)
-    now = time.time()
-    chunks: list[Chunk] = []
-    seq = int(session.scalar(select(func.coalesce(func.max(Chunk.seq), 0)).where(Chunk.batch_id == batch_id)) or 0)
-    for (ref, queue), ids in by_model.items():
-        for i in range(0, len(ids), chunk_size):
-            part = ids[i : i + chunk_size]
-            seq += 1
-            ck = Chunk(
-                id=new_chunk_id(),
-                batch_id=batch_id,
-                model=ref,
-                queue=queue,
-                seq=seq,
-                size=len(part),
-                priority=batch.priority,
-                status=ChunkStatus.QUEUED,
-                created_at=now,
-                attempts=0,
-            )
-            session.add(ck)
-            session.flush()
-            session.execute(update(Request).where(Request.id.in_(part)).values(chunk_id=ck.id))
-            session.execute(delete(Result).where(and_(Result.request_id.in_(part))))
-            chunks.append(ck)
-    session.execute(update(Batch).where(Batch.id == batch_id).values(status=BatchStatus.IN_PROGRESS, finished_at=None))
-    return chunks
-
-
-def list_batches(session: Session, limit: int = 20, active_only: bool = False) -> list[Batch]:
-    """Most recent batches first."""
-    q = select(Batch).order_by(Batch.created_at.desc()).limit(limit)
+def listing(url: str, limit: int = 20, active_only: bool = False, owner: str | None = None,
+            after: str | None = None) -> list[BatchRecord]:
+    """Most recent batches first; ``after`` pages on (the batch id the previous page ended with)."""
+    q = select(Batch).order_by(Batch.created_at.desc(), Batch.id.desc()).limit(limit)
     if active_only:
         q = q.where(Batch.status.not_in(list(TERMINAL_BATCH)))
-    return list(session.scalars(q))
+    if owner is not None:
+        q = q.where(Batch.owner == owner)
+    with session_scope(url) as s:
+        if after is not None:
+            ref = s.get(Batch, after)
+            if ref is not None:
+                q = q.where((Batch.created_at < ref.created_at) | ((Batch.created_at == ref.created_at) & (Batch.id < ref.id)))
+        return [_record(s, b) for b in s.scalars(q)]
+
+
+def refresh(url: str, batch_id: str) -> BatchRecord:
+    """Move the batch on if it can (so a waiting CLI needs no scheduler), then read it."""
+    with session_scope(url) as s:
+        lifecycle.finalize(s, batch_id)
+    return get(url, batch_id)
+
+
+# ------------------------------------------------------------------------------------------------ actions
+
+
+def cancel(url: str, batch_id: str, owner: str | None = None) -> BatchRecord:
+    """Stop dispatch at once: queued chunks are cancelled, leased ones finish what is in their engine.
+
+    Raises:
+        NotFound: no such batch.
+        StateError: the batch already ended.
+    """
+    with session_scope(url) as s:
+        b = s.get(Batch, batch_id, with_for_update=True)
+        if b is None or (owner is not None and b.owner != owner):
+            raise NotFound(f"no batch '{batch_id}'; `batchllm status` lists batches")
+        status = BatchStatus(b.status)
+        if status in TERMINAL_BATCH:
+            raise StateError(f"batch {batch_id} is already {status}; nothing to cancel")
+        if status != BatchStatus.CANCELLING:
+            s.execute(update(Chunk).where(Chunk.batch_id == batch_id, Chunk.status == ChunkStatus.QUEUED)
+                      .values(status=ChunkStatus.CANCELLED, finished_at=db_now()))
+            s.execute(update(Batch).where(Batch.id == batch_id).values(status=BatchStatus.CANCELLING, cancelling_at=db_now()))
+            s.flush()
+        lifecycle.seal(s, batch_id)
+    return get(url, batch_id)
+
+
+@dataclass(frozen=True)
+class Retried:
+    """What a retry queued."""
+
+    batch: BatchRecord
+    requests: int
+    chunks: int
+
+
+_RETRYABLE = (BatchStatus.COMPLETED, BatchStatus.EXPIRED, BatchStatus.CANCELLED)
+
+
+def retry(url: str, batch_id: str, chunk_size: int, window_s: float, queue_of: Any) -> Retried:
+    """Queue a finished batch's failed requests again (lines rejected at submit excepted: they would fail again).
+
+    An expired or cancelled batch's requests that never ran count as failed; the batch gets a new completion
+    window from now.
+
+    Raises:
+        NotFound: no such batch.
+        StateError: the batch is still running (or being cancelled), or has nothing to retry.
+    """
+    with session_scope(url) as s:
+        b = s.get(Batch, batch_id, with_for_update=True)
+        if b is None:
+            raise NotFound(f"no batch '{batch_id}'; `batchllm status` lists batches")
+        status = BatchStatus(b.status)
+        if status not in _RETRYABLE:
+            hint = "it failed validation as a whole; fix the file and submit it again" if status == BatchStatus.FAILED else \
+                "wait for it to finish (or cancel it) first"
+            raise StateError(f"batch {batch_id} is {status}: {hint}")
+        failed = s.execute(
+            select(Request.id, Chunk.model).join(Result, Result.request_id == Request.id)
+            .join(Chunk, Chunk.id == Request.chunk_id)
+            .where(Request.batch_id == batch_id, Result.ok.is_(False)).order_by(Request.line_no)
+        ).all()
+        if not failed:
+            raise StateError(f"batch {batch_id} has no failed request to retry"
+                             + (f" ({b.invalid} line(s) failed validation at submit)" if b.invalid else ""))
+        n_chunks = _requeue(s, b, failed, chunk_size, queue_of)
+        s.execute(update(Batch).where(Batch.id == batch_id).values(
+            status=BatchStatus.IN_PROGRESS, in_progress_at=db_now(), expires_at=db_now() + window_s,
+            finalizing_at=None, completed_at=None, cancelling_at=None, cancelled_at=None, expired_at=None,
+            completed_count=None, failed_count=None, input_tokens=None, output_tokens=None))
+    return Retried(get(url, batch_id), len(failed), n_chunks)
+
+
+def _requeue(s: Any, b: Batch, failed: Sequence[Any], chunk_size: int, queue_of: Any) -> int:
+    by_ref: dict[str, list[int]] = {}
+    for rid, ref in failed:
+        by_ref.setdefault(ref, []).append(rid)
+    seq = int(s.scalar(select(Chunk.seq).where(Chunk.batch_id == b.id).order_by(Chunk.seq.desc()).limit(1)) or 0)
+    n = 0
+    for ref, ids in by_ref.items():
+        for i in range(0, len(ids), chunk_size):
+            part, seq, ck = ids[i : i + chunk_size], seq + 1, new_chunk_id()
+            s.execute(insert(Chunk).values(id=ck, batch_id=b.id, model=ref, queue=queue_of(ref), seq=seq, size=len(part),
+                                           priority=b.priority, status=ChunkStatus.QUEUED, created_at=db_now(), attempt=0))
+            s.execute(update(Request).where(Request.id.in_(part)).values(chunk_id=ck))
+            s.execute(delete(Result).where(Result.request_id.in_(part)))
+            n += 1
+    return n
+
+
+def expire_due(url: str, fence: LeaderFence | None) -> list[str]:
+    """Expire every running batch past its completion window (the scheduler's lifecycle step)."""
+    with session_scope(url) as s:
+        guard(s, fence)
+        due = s.scalars(select(Batch.id).where(
+            Batch.status.in_([BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS]), Batch.expires_at < db_now())).all()
+        return [b for b in due if lifecycle.expire(s, b)]
+
+
+def finalize_open(url: str, fence: LeaderFence | None) -> dict[str, str]:
+    """Move on every batch that can move (the scheduler's lifecycle step); returns id → new status.
+
+    One query finds the candidates — running batches with no open chunk, cancelling ones with no leased
+    chunk, and finalizing ones — so a tick's cost does not grow with the number of running batches.
+    """
+    def none_in(statuses: tuple[str, ...]) -> Any:
+        return ~select(Chunk.id).where(Chunk.batch_id == Batch.id, Chunk.status.in_(statuses)).exists()
+
+    with session_scope(url) as s:
+        guard(s, fence)
+        ids = s.scalars(select(Batch.id).where(
+            ((Batch.status == BatchStatus.IN_PROGRESS) & none_in(lifecycle.OPEN_CHUNKS))
+            | ((Batch.status == BatchStatus.CANCELLING) & none_in((ChunkStatus.LEASED,)))
+            | (Batch.status == BatchStatus.FINALIZING)
+        )).all()
+        out: dict[str, str] = {}
+        for batch_id in ids:
+            new = lifecycle.finalize(s, batch_id)
+            if new is not None:
+                out[batch_id] = str(new)
+        return out
+
+
+def fail_model(url: str, ref: str, code: str, message: str, fence: LeaderFence | None) -> list[str]:
+    """Fail the queued chunks of ``ref`` (a model no live worker can load): each request gets a 503 record.
+
+    Leased chunks are left to their worker. Returns the batches touched.
+    """
+    with session_scope(url) as s:
+        guard(s, fence)
+        done = s.execute(
+            update(Chunk).where(Chunk.model == ref, Chunk.status == ChunkStatus.QUEUED)
+            .values(status=ChunkStatus.DONE, finished_at=db_now(), lease_expires_at=None)
+            .returning(Chunk.id, Chunk.batch_id)
+        ).all()
+        ids = [cid for cid, _ in done]
+        for i in range(0, len(ids), 500):
+            lifecycle.error_results(s, Request.chunk_id.in_(ids[i : i + 500]), code, message, status_code=503)
+        touched = sorted({bid for _, bid in done})
+        s.flush()
+        for batch_id in touched:
+            lifecycle.finalize(s, batch_id)
+        return touched
+
+
+def delete_batch(url: str, batch_id: str) -> bool:
+    """Remove a batch and everything of it (tests and the HTTP API's file deletion)."""
+    with session_scope(url) as s:
+        return rowcount(s.execute(delete(Batch).where(Batch.id == batch_id))) == 1

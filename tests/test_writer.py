@@ -48,6 +48,35 @@ def test_chunk_given_up_in_an_outage_is_released_by_a_clean_stop(url: str, monke
     assert [r.id for r in again.requests] == [r.id for r in claim.requests]  # nothing was written: all run again
 
 
+def test_heartbeat_during_the_last_write_does_not_abort_a_finished_chunk(
+        url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:  # noqa: F811
+    """A heartbeat that lands between the commit of a chunk's last results and the writer's own bookkeeping
+    sees the lease finished, not renewable: that chunk is done, not lost, so nothing is aborted or warned."""
+    bid = make_batch(url, n=2, chunk=2)
+    ck = dispatch.of_batch(url, bid)[0].id
+    assert register(url, "w1", "inst-1")
+    claim = leases.claim(url, ck, "inst-1", ttl=30)
+    assert claim.lease is not None
+    aborted: list[str] = []
+    w = ResultWriter(Settings(database_url=url), "w1", None, lambda key: aborted.append(key) or 0)
+    w.hold(claim.lease)
+    real = writer_module.results.write_results
+
+    def write_then_beat(*args: Any, **kwargs: Any) -> Any:
+        outcome = real(*args, **kwargs)
+        w.renew()  # the heartbeat, right after the commit
+        return outcome
+
+    monkeypatch.setattr(writer_module.results, "write_results", write_then_beat)
+    w.start()
+    found = [EngineResult(r.id, 200, b'{"text": "hi"}', 1, 1, 1.0) for r in claim.requests]
+    w.on_results(claim.lease.key, found, True)
+    assert w.wait_idle(10)
+    w.stop(release=False)
+    assert aborted == [] and "lost" not in caplog.text
+    assert w.held() == 0
+
+
 def test_worker_sessions_end_when_idle_inside_a_transaction(monkeypatch: pytest.MonkeyPatch) -> None:
     """A worker frozen inside a transaction would hold its row locks until the server noticed (hours on a silent
     network), blocking the scheduler's recovery: PostgreSQL ends the session instead, and the next one works."""

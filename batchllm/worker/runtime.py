@@ -128,7 +128,7 @@ class WorkerRuntime:
     def feed_target(self) -> int:
         """Requests to keep in the engine before taking the next chunk: ``feed_depth``, but at least the engine's
         capacity, so its batch stays full while the backlog waits in the broker, where priorities apply."""
-        return max(self.feed_depth, int(getattr(self.engine, "capacity", 0) or 0))
+        return max(self.feed_depth, self.engine.capacity)
 
     def mark_consuming(self) -> None:
         """The queue consumer is up: from now on messages reach this worker, so its row says ``ready`` at once."""

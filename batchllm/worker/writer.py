@@ -47,6 +47,7 @@ class ResultWriter:
         self.worker, self.device, self._abort = worker, device, abort
         self._held: dict[str, Lease] = {}
         self._given_up: dict[str, Lease] = {}  # leases dropped during an outage: released once the database is back
+        self._finishing: set[str] = set()  # leases whose last write is in flight: the writer decides their fate
         self._cond = threading.Condition()
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._busy = 0  # items taken off the queue and not yet applied
@@ -76,7 +77,12 @@ class ResultWriter:
             return
         alive = leases.renew(self.url, held, self.settings.lease_seconds)
         for lease in held:
-            if lease.key not in alive:
+            if lease.key in alive:
+                continue
+            with self._cond:
+                # A lease whose last write committed meanwhile is finished, not lost: the writer pops it.
+                settled = lease.key not in self._held or lease.key in self._finishing
+            if not settled:
                 log.warning("lease on chunk %s (attempt %d) lost; aborting its requests", lease.chunk_id, lease.attempt)
                 self._drop(lease.key)
 
@@ -176,6 +182,16 @@ class ResultWriter:
             lease = self._held.get(key)
         if lease is None:
             return  # lost or given up meanwhile: its results are not ours to write
+        if done:
+            with self._cond:
+                self._finishing.add(key)
+        try:
+            self._settle(key, lease, rows, done)
+        finally:
+            with self._cond:
+                self._finishing.discard(key)
+
+    def _settle(self, key: str, lease: Lease, rows: list[NewResult], done: bool) -> None:
         outcome = self._write_with_retry(lease, rows, done)
         if outcome is None:
             log.error("database unreachable for %.0fs: giving up chunk %s; it will run again",

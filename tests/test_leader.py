@@ -14,13 +14,11 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import text
 
 from batchllm.queue import make_celery, queue_name
 from batchllm.scheduler.dispatch import Dispatcher
@@ -28,9 +26,9 @@ from batchllm.scheduler.loop import Scheduler
 from batchllm.settings import Settings
 from batchllm.store import dispatch, leader, workers
 from batchllm.store import schedules as schedule_rows
-from batchllm.store.db import session_scope, upgrade
 from batchllm.store.leader import LeaderFence
-from tests.test_scheduler import BIG, MODELS_TOML, SMALL, TABLES, batch, drain, worker
+from tests.conftest import _drop_pg_database, scratch_pg
+from tests.test_scheduler import BIG, SMALL, batch, drain, fresh_settings, worker
 
 pytestmark = [pytest.mark.services, pytest.mark.faults]
 
@@ -41,28 +39,15 @@ SLACK_S = 1.5  # a loaded 2-core CI machine: process scheduling, one database ro
 
 @pytest.fixture(scope="module")
 def db_url() -> Iterator[str]:
-    from tests.conftest import _create_pg_database, _drop_pg_database
-
-    name = f"bl_leader_{uuid.uuid4().hex[:8]}"
-    url = _create_pg_database(name)
-    upgrade(url)
+    url, name = scratch_pg("leader")
     yield url
     _drop_pg_database(name)
 
 
 @pytest.fixture
 def st(db_url: str, redis_url: str, tmp_path: Path) -> Iterator[Settings]:
-    import redis
-
-    with session_scope(db_url) as s:
-        s.execute(text(f"TRUNCATE {TABLES} CASCADE"))
-    redis.Redis.from_url(redis_url).flushdb()
-    models = tmp_path / "models.toml"
-    models.write_text(MODELS_TOML)
-    yield Settings(database_url=db_url, broker_url=redis_url, models_file=models, data_dir=tmp_path / "data",
-                   model_dir=tmp_path / "models", chunk_size=2, heartbeat_timeout=30, lease_seconds=30,
-                   scheduler_lease_seconds=LEASE_S, scheduler_interval=INTERVAL_S)
-    redis.Redis.from_url(redis_url).flushdb()
+    yield from fresh_settings(db_url, redis_url, tmp_path, scheduler_lease_seconds=LEASE_S,
+                              scheduler_interval=INTERVAL_S)
 
 
 class SchedulerProc:

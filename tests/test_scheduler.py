@@ -25,8 +25,9 @@ from batchllm.scheduler.metrics import SchedulerMetrics
 from batchllm.settings import Settings
 from batchllm.status import BatchStatus, Endpoint, WorkerState
 from batchllm.store import batches, dispatch, leases, results, workers
-from batchllm.store.db import get_engine, session_scope, upgrade
+from batchllm.store.db import get_engine, session_scope
 from batchllm.store.results import NewResult
+from tests.conftest import _drop_pg_database, scratch_pg
 
 pytestmark = pytest.mark.services
 
@@ -48,17 +49,12 @@ TABLES = "batches, requests, chunks, results, workers, schedules, scheduler_leas
 @pytest.fixture(scope="module")
 def db_url() -> Iterator[str]:
     """A fresh, migrated PostgreSQL database of this module's own."""
-    from tests.conftest import _create_pg_database, _drop_pg_database
-
-    name = f"bl_sched_{uuid.uuid4().hex[:8]}"
-    url = _create_pg_database(name)
-    upgrade(url)
+    url, name = scratch_pg("sched")
     yield url
     _drop_pg_database(name)
 
 
-@pytest.fixture
-def st(db_url: str, redis_url: str, tmp_path: Path) -> Iterator[Settings]:
+def fresh_settings(db_url: str, redis_url: str, tmp_path: Path, **overrides: Any) -> Iterator[Settings]:
     """Settings for one test: empty tables, empty Redis database, the two-model test catalog."""
     import redis
 
@@ -68,10 +64,15 @@ def st(db_url: str, redis_url: str, tmp_path: Path) -> Iterator[Settings]:
     client.flushdb()
     models = tmp_path / "models.toml"
     models.write_text(MODELS_TOML)
-    yield Settings(database_url=db_url, broker_url=redis_url, models_file=models, data_dir=tmp_path / "data",
-                   model_dir=tmp_path / "models", chunk_size=2, heartbeat_timeout=30, lease_seconds=30,
-                   scheduler_lease_seconds=10)
+    yield Settings(**{"database_url": db_url, "broker_url": redis_url, "models_file": models,
+                      "data_dir": tmp_path / "data", "model_dir": tmp_path / "models", "chunk_size": 2,
+                      "heartbeat_timeout": 30, "lease_seconds": 30, "scheduler_lease_seconds": 10, **overrides})
     client.flushdb()
+
+
+@pytest.fixture
+def st(db_url: str, redis_url: str, tmp_path: Path) -> Iterator[Settings]:
+    yield from fresh_settings(db_url, redis_url, tmp_path)
 
 
 @pytest.fixture

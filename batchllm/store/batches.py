@@ -15,7 +15,7 @@ from batchllm.errors import InputError, NotFound, StateError
 from batchllm.status import TERMINAL_BATCH, BatchStatus, ChunkStatus
 from batchllm.store import lifecycle
 from batchllm.store.clock import db_now
-from batchllm.store.db import rowcount, session_scope
+from batchllm.store.db import after_row, rowcount, session_scope
 from batchllm.store.ingest import RequestWriter
 from batchllm.store.leader import LeaderFence, guard
 from batchllm.store.lifecycle import Counts
@@ -211,7 +211,7 @@ def listing(url: str, limit: int = 20, active_only: bool = False, owner: str | N
         if after is not None:
             ref = s.get(Batch, after)
             if ref is not None:
-                q = q.where((Batch.created_at < ref.created_at) | ((Batch.created_at == ref.created_at) & (Batch.id < ref.id)))
+                q = q.where(after_row(Batch, ref))
         return [_record(s, b) for b in s.scalars(q)]
 
 

@@ -27,6 +27,13 @@ def rowcount(result: Any) -> int:
     return int(getattr(result, "rowcount", 0) or 0)
 
 
+def after_row(entity: Any, ref: Any, ascending: bool = False) -> Any:
+    """The keyset-paging condition: rows of ``entity`` after ``ref`` in (created_at, id) order."""
+    if ascending:
+        return (entity.created_at > ref.created_at) | ((entity.created_at == ref.created_at) & (entity.id > ref.id))
+    return (entity.created_at < ref.created_at) | ((entity.created_at == ref.created_at) & (entity.id < ref.id))
+
+
 def normalize_url(url: str) -> str:
     """Use psycopg 3 for plain ``postgresql://`` URLs (the driver we install)."""
     if url.startswith("postgresql://") or url.startswith("postgres://"):

@@ -21,7 +21,7 @@ from sqlalchemy import delete, func, insert, select, update
 
 from batchllm.errors import InputError, NotFound
 from batchllm.store.clock import db_now
-from batchllm.store.db import rowcount, session_scope
+from batchllm.store.db import after_row, rowcount, session_scope
 from batchllm.store.models import File, FilePart
 
 UPLOADING = "uploading"
@@ -116,18 +116,18 @@ def discard(url: str, file_id: str) -> None:
 
 def sweep_uploads(url: str, idle_s: float) -> int:
     """Remove uploads no part was written to for ``idle_s`` seconds (their process died); returns how many."""
-    with session_scope(url) as s:
-        ids = list(s.scalars(select(File.id).where(File.status == UPLOADING, File.updated_at < db_now() - idle_s)))
-        for file_id in ids:
-            s.execute(delete(FilePart).where(FilePart.file_id == file_id))
-            s.execute(delete(File).where(File.id == file_id))
-        return len(ids)
+    return _delete_files(url, (File.status == UPLOADING) & (File.updated_at < db_now() - idle_s))
 
 
 def purge_expired(url: str) -> int:
     """Remove files past their ``expires_at``; returns how many."""
+    return _delete_files(url, (File.status == PROCESSED) & (File.expires_at < db_now()))
+
+
+def _delete_files(url: str, where: Any) -> int:
+    """Delete the files matching ``where``, parts first; returns how many."""
     with session_scope(url) as s:
-        ids = list(s.scalars(select(File.id).where(File.status == PROCESSED, File.expires_at < db_now())))
+        ids = list(s.scalars(select(File.id).where(where)))
         for file_id in ids:
             s.execute(delete(FilePart).where(FilePart.file_id == file_id))
             s.execute(delete(File).where(File.id == file_id))
@@ -173,10 +173,7 @@ def listing(url: str, owner: str | None, purpose: str | None = None, limit: int 
         if after is not None:
             ref = s.get(File, after)
             if ref is not None:
-                if ascending:
-                    q = q.where((File.created_at > ref.created_at) | ((File.created_at == ref.created_at) & (File.id > ref.id)))
-                else:
-                    q = q.where((File.created_at < ref.created_at) | ((File.created_at == ref.created_at) & (File.id < ref.id)))
+                q = q.where(after_row(File, ref, ascending))
         return [_record(f) for f in s.scalars(q)]
 
 

@@ -108,10 +108,6 @@ class StateError(InputError):
     """An action the object's current state does not allow (retry a running batch, cancel a finished one)."""
 
 
-class StaleLease(RetryableError):
-    """A write by a process that no longer holds the chunk's lease (another owner or attempt has it): refused."""
-
-
 class NotLeader(RetryableError):
     """This scheduler is not (or no longer) the active one; it stands by."""
 

@@ -83,11 +83,6 @@ def failed_loads(workers: Iterable[WorkerInfo],
     return out
 
 
-def serving_ref(w: WorkerInfo) -> str | None:
-    """The ref a worker serves or is switching to (a pinned worker keeps what it loaded)."""
-    return w.model if w.pinned else (w.assigned_model or w.model)
-
-
 def assign(workers: Sequence[WorkerInfo], work: Iterable[OpenWork], fits: Fits,
            failed: Mapping[str, Mapping[str, str]] | None = None) -> Decisions:
     """Decide which ref each live worker should host (see the module docstring).

@@ -47,13 +47,6 @@ def ref_of(spec: ModelSpec, variant: Variant) -> str:
     return f"{spec.name}@{variant.name}"
 
 
-def fits_ref(settings: Settings, catalog: Catalog, ref: str, cap: WorkerCapacity) -> FitEstimate:
-    """The fit estimate of a resolved ``name@variant`` on one worker."""
-    spec, variant = catalog.resolve(ref)
-    assert variant is not None, ref
-    return estimate(spec, variant, cap, **fit_kwargs(settings))
-
-
 def variant_for_worker(settings: Settings, catalog: Catalog, model: str, cap: WorkerCapacity) -> tuple[str, FitEstimate]:
     """The variant a worker pinned with ``--model`` loads: the pinned one if it fits, else the best that fits.
 

@@ -56,14 +56,6 @@ def to_openai(b: BatchRecord) -> dict[str, Any]:
     return dict(msgspec.to_builtins(openai_batch(b)))
 
 
-def view(b: BatchRecord) -> dict[str, Any]:
-    """What `status` shows a person (and `submit --wait --json`): the OpenAI object plus batchllm's extras."""
-    obj = to_openai(b)
-    obj["batchllm"] = {"name": b.name, "priority": b.priority, "models": b.models, "input": b.input_name,
-                       "pending": b.counts.pending, "invalid_lines": b.invalid, "blank_lines": b.blank_lines}
-    return obj
-
-
 def wait(settings: Settings, batch_id: str, on_update: Callable[[BatchRecord], None] | None = None, poll: float = 1.0,
          timeout: float | None = None) -> BatchRecord:
     """Poll until the batch reaches a terminal status (moving it on as needed: no scheduler required)."""

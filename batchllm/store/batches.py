@@ -15,7 +15,7 @@ from batchllm.errors import InputError, NotFound, StateError
 from batchllm.status import TERMINAL_BATCH, BatchStatus, ChunkStatus
 from batchllm.store import lifecycle
 from batchllm.store.clock import db_now
-from batchllm.store.db import after_row, rowcount, session_scope
+from batchllm.store.db import after_row, session_scope
 from batchllm.store.ingest import RequestWriter
 from batchllm.store.leader import LeaderFence, guard
 from batchllm.store.lifecycle import Counts
@@ -69,7 +69,7 @@ class BatchRecord:
     @property
     def terminal(self) -> bool:
         """True once the batch will not change any more."""
-        return BatchStatus(self.status) in TERMINAL_BATCH
+        return BatchStatus(self.status).terminal
 
 
 _RECORD_FIELDS = [f.name for f in fields(BatchRecord) if f.name != "counts"]
@@ -365,9 +365,3 @@ def fail_model(url: str, ref: str, code: str, message: str, fence: LeaderFence |
         for batch_id in touched:
             lifecycle.finalize(s, batch_id)
         return touched
-
-
-def delete_batch(url: str, batch_id: str) -> bool:
-    """Remove a batch and everything of it (tests and the HTTP API's file deletion)."""
-    with session_scope(url) as s:
-        return rowcount(s.execute(delete(Batch).where(Batch.id == batch_id))) == 1

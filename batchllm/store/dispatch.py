@@ -108,12 +108,6 @@ def of_batch(url: str, batch_id: str, limit: int | None = None, only_unsent: boo
         return [ChunkRef(*r) for r in s.execute(q).all()]
 
 
-def queued_models(url: str) -> set[str]:
-    """Model refs that have queued chunks."""
-    with session_scope(url) as s:
-        return set(s.scalars(select(Chunk.model).where(Chunk.status == ChunkStatus.QUEUED).distinct()))
-
-
 def mark_sent(url: str, chunk_ids: Sequence[str]) -> None:
     """Record (database time) that messages were sent, so lost ones can be told apart from waiting ones."""
     ids = list(chunk_ids)

@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import Integer, case, func, insert, literal, select, update
 from sqlalchemy.orm import Session
 
-from batchllm.status import TERMINAL_BATCH, BatchStatus, ChunkStatus
+from batchllm.status import BatchStatus, ChunkStatus
 from batchllm.store.clock import db_now
 from batchllm.store.db import rowcount
 from batchllm.store.models import Batch, Chunk, Request, Result
@@ -159,8 +159,3 @@ def error_results(s: Session, scope: Any, code: str, message: str, status_code: 
     cols = ["request_id", "batch_id", "ok", "status_code", "error_code", "error_message", "model", "created_at",
             "prompt_tokens", "completion_tokens", "attempt"]
     return rowcount(s.execute(insert(Result).from_select(cols, src)))
-
-
-def is_terminal(status: str) -> bool:
-    """Whether a stored status is final."""
-    return BatchStatus(status) in TERMINAL_BATCH

@@ -292,11 +292,6 @@ class GroupLedger:
             self._closed = True
             self._cond.notify_all()
 
-    @property
-    def closed(self) -> bool:
-        """True once :meth:`close` was called."""
-        return self._closed
-
     def _forget(self, grp: Group) -> None:
         with self._cond:
             groups = self._groups.get(grp.name)

@@ -9,7 +9,6 @@ lines run and each invalid line is a 400 record in the error file and in ``error
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from typing import IO, Annotated, Any, cast
@@ -80,12 +79,6 @@ def check_on_invalid(metadata: dict[str, str] | None) -> InvalidLines:
     return InvalidLines(value)
 
 
-def batch_object(b: batches.BatchRecord) -> dict[str, Any]:
-    """OpenAI's Batch object of ``b`` as a dict (``services.status.to_openai``; encoded JSON is decoded)."""
-    obj: Any = to_openai(b)
-    return json.loads(obj) if isinstance(obj, bytes | bytearray | str) else dict(obj)
-
-
 def list_object(data: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
     """OpenAI's list shape."""
     return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
@@ -123,7 +116,7 @@ def create_batch(body: CreateBatch, request: Request, who: CallerDep, cfg: Confi
     b = _get(cfg, res.batch_id, who.owner)
     if not res.existing and not cfg.local and b.status == BatchStatus.IN_PROGRESS:
         _dispatch(cfg, b.id)
-    return batch_object(b)
+    return to_openai(b)
 
 
 def _dispatch(cfg: ApiConfig, batch_id: str) -> None:
@@ -143,20 +136,20 @@ def list_batches(who: CallerDep, cfg: ConfigDep, after: str | None = None,
         except NotFound:
             raise bad_request(f"Invalid value for 'after': no batch '{after[:80]}'.", "after") from None
     rows = batches.listing(cfg.settings.database_url, limit + 1, owner=who.owner, after=after)
-    return list_object([batch_object(b) for b in rows[:limit]], len(rows) > limit)
+    return list_object([to_openai(b) for b in rows[:limit]], len(rows) > limit)
 
 
 @router.get("/{batch_id}")
 def retrieve_batch(batch_id: str, who: CallerDep, cfg: ConfigDep) -> dict[str, Any]:
     """A batch's Batch object."""
-    return batch_object(_get(cfg, batch_id, who.owner))
+    return to_openai(_get(cfg, batch_id, who.owner))
 
 
 @router.post("/{batch_id}/cancel")
 def cancel_batch(batch_id: str, who: CallerDep, cfg: ConfigDep) -> dict[str, Any]:
     """Cancel: nothing more is dispatched; requests already running finish; finished results stay readable."""
     try:
-        return batch_object(batches.cancel(cfg.settings.database_url, batch_id, who.owner))
+        return to_openai(batches.cancel(cfg.settings.database_url, batch_id, who.owner))
     except NotFound:
         raise not_found(f"No such Batch object: {batch_id[:80]}") from None
     except StateError as e:

@@ -213,7 +213,7 @@ def read_broker(app: Celery, queues: Iterable[str]) -> BrokerView:
     """
     url, names = str(app.conf.broker_url), list(queues)
     if url.startswith("memory:"):
-        return BrokerView(None, queue_depths(app, names))
+        return BrokerView(None, _memory_depths(app, names))
     with _broker_connection(app) as conn:
         pipe = conn.default_channel.client.pipeline(transaction=False)
         pipe.info("server")
@@ -227,11 +227,13 @@ def read_broker(app: Celery, queues: Iterable[str]) -> BrokerView:
 
 
 def queue_depths(app: Celery, queues: Iterable[str]) -> dict[str, int]:
-    """Messages waiting per queue (Redis LLEN over the priority sub-queues; the memory transport's own count)."""
-    memory = str(app.conf.broker_url).startswith("memory:")
-    out: dict[str, int] = {}
+    """Messages waiting per queue (Redis: the priority sub-queues, via ``read_broker``; memory: its own count)."""
+    if not str(app.conf.broker_url).startswith("memory:"):
+        return read_broker(app, queues).depths
+    return _memory_depths(app, queues)
+
+
+def _memory_depths(app: Celery, queues: Iterable[str]) -> dict[str, int]:
     with app.connection_for_read() as conn:
         channel: Any = conn.default_channel
-        for q in queues:
-            out[q] = int(channel._size(q)) if memory else sum(int(channel.client.llen(k)) for k in _depth_keys(q))
-    return out
+        return {q: int(channel._size(q)) for q in queues}

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -85,11 +86,11 @@ def claim(url: str, chunk_id: str, owner: str, ttl: float) -> Claim:
             return Claim(ClaimOutcome.TAKEN)
         lease = Lease(chunk_id, row[0], owner, int(row[1]), row[2])
         if s.scalar(select(Batch.status).where(Batch.id == lease.batch_id)) in _STOPPED_BATCH:
-            _close(s, lease, ChunkStatus.CANCELLED)
+            close(s, lease, ChunkStatus.CANCELLED)
             return Claim(ClaimOutcome.CANCELLED, lease)
         requests = _pending(s, chunk_id)
         if not requests:
-            _close(s, lease, ChunkStatus.DONE)
+            close(s, lease, ChunkStatus.DONE)
             return Claim(ClaimOutcome.EMPTY, lease)
         return Claim(ClaimOutcome.CLAIMED, lease, requests)
 
@@ -104,13 +105,21 @@ def _pending(s: Session, chunk_id: str) -> tuple[PendingRequest, ...]:
     return tuple(PendingRequest(rid, Endpoint(ep or Endpoint.CHAT), (body or "{}").encode()) for rid, ep, body in rows)
 
 
-def _close(s: Session, lease: Lease, status: ChunkStatus) -> None:
+def close(s: Session, lease: Lease, status: ChunkStatus) -> BatchStatus | None:
+    """Inside a fenced transaction: end the lease's chunk with ``status`` and move its batch on if that was the
+    last; returns the batch's new status, if it moved."""
     s.execute(
         update(Chunk).where(Chunk.id == lease.chunk_id, Chunk.attempt == lease.attempt)
         .values(status=status, finished_at=db_now(), lease_expires_at=None)
     )
     s.flush()
-    lifecycle.finalize(s, lease.batch_id)
+    return lifecycle.finalize(s, lease.batch_id)
+
+
+def _requeue(s: Session, *where: Any) -> int:
+    """Queue the matching chunks again, lease cleared and message unsent; returns how many."""
+    return rowcount(s.execute(update(Chunk).where(*where).values(
+        status=ChunkStatus.QUEUED, lease_owner=None, lease_expires_at=None, dispatched_at=None)))
 
 
 def holds(s: Session, lease: Lease, ttl: float) -> bool:
@@ -143,33 +152,20 @@ def renew(url: str, leases: Sequence[Lease], ttl: float) -> set[str]:
 def release(url: str, lease: Lease) -> bool:
     """Give a lease back (a worker stopping, a write that could not be made): the chunk is queued again."""
     with session_scope(url) as s:
-        res = s.execute(
-            update(Chunk)
-            .where(Chunk.id == lease.chunk_id, Chunk.lease_owner == lease.owner, Chunk.attempt == lease.attempt,
-                   Chunk.status == ChunkStatus.LEASED)
-            .values(status=ChunkStatus.QUEUED, lease_owner=None, lease_expires_at=None, dispatched_at=None)
-        )
-        return rowcount(res) == 1
+        return _requeue(s, Chunk.id == lease.chunk_id, Chunk.lease_owner == lease.owner,
+                        Chunk.attempt == lease.attempt, Chunk.status == ChunkStatus.LEASED) == 1
 
 
 def release_owner(url: str, owner: str) -> int:
     """Re-queue every chunk a (dead) process instance holds; returns how many."""
     with session_scope(url) as s:
-        res = s.execute(
-            update(Chunk).where(Chunk.status == ChunkStatus.LEASED, Chunk.lease_owner == owner)
-            .values(status=ChunkStatus.QUEUED, lease_owner=None, lease_expires_at=None, dispatched_at=None)
-        )
-        return rowcount(res)
+        return _requeue(s, Chunk.status == ChunkStatus.LEASED, Chunk.lease_owner == owner)
 
 
 def release_all(url: str) -> int:
     """Re-queue every leased chunk, whoever held it (the embedded runner, which owns its database file)."""
     with session_scope(url) as s:
-        res = s.execute(
-            update(Chunk).where(Chunk.status == ChunkStatus.LEASED)
-            .values(status=ChunkStatus.QUEUED, lease_owner=None, lease_expires_at=None, dispatched_at=None)
-        )
-        return rowcount(res)
+        return _requeue(s, Chunk.status == ChunkStatus.LEASED)
 
 
 @dataclass(frozen=True)
@@ -190,10 +186,7 @@ def reap(url: str, heartbeat_timeout: float, fence: LeaderFence | None) -> Reape
             Worker.instance.is_not(None), Worker.last_heartbeat >= db_now() - heartbeat_timeout,
             Worker.state.not_in([WorkerState.STOPPED, WorkerState.LOST]),
         )
-        res = s.execute(
-            update(Chunk)
-            .where(Chunk.status == ChunkStatus.LEASED,
-                   (Chunk.lease_expires_at < db_now()) | Chunk.lease_owner.is_(None) | Chunk.lease_owner.not_in(live))
-            .values(status=ChunkStatus.QUEUED, lease_owner=None, lease_expires_at=None, dispatched_at=None)
-        )
-        return Reaped(lost, rowcount(res))
+        requeued = _requeue(s, Chunk.status == ChunkStatus.LEASED,
+                            (Chunk.lease_expires_at < db_now()) | Chunk.lease_owner.is_(None)
+                            | Chunk.lease_owner.not_in(live))
+        return Reaped(lost, requeued)

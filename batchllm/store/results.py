@@ -21,11 +21,10 @@ from sqlalchemy import select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from batchllm.status import BatchStatus, ChunkStatus
-from batchllm.store import lifecycle
 from batchllm.store.clock import db_now
 from batchllm.store.db import session_scope
-from batchllm.store.leases import Lease, holds
-from batchllm.store.models import Chunk, Request, Result, Worker
+from batchllm.store.leases import Lease, close, holds
+from batchllm.store.models import Request, Result, Worker
 
 
 @dataclass(slots=True)
@@ -85,14 +84,7 @@ def write_results(url: str, lease: Lease, results: Sequence[NewResult], done: bo
         if applied:
             s.execute(update(Worker).where(Worker.instance == lease.owner).values(
                 tokens_generated=Worker.tokens_generated + tokens, requests_done=Worker.requests_done + applied))
-        moved = None
-        if done:
-            s.execute(
-                update(Chunk).where(Chunk.id == lease.chunk_id, Chunk.attempt == lease.attempt)
-                .values(status=ChunkStatus.DONE, finished_at=db_now(), lease_expires_at=None)
-            )
-            s.flush()
-            moved = lifecycle.finalize(s, lease.batch_id)
+        moved = close(s, lease, ChunkStatus.DONE) if done else None
         return WriteOutcome(applied, stale=False, batch_status=moved)
 
 

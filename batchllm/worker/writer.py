@@ -25,6 +25,7 @@ from batchllm.store import workers as worker_rows
 from batchllm.store.db import with_db_retry
 from batchllm.store.leases import Lease
 from batchllm.store.results import NewResult
+from batchllm.worker.engine import openai_error_body
 
 log = logging.getLogger(__name__)
 _STOP = object()
@@ -245,9 +246,8 @@ class ResultWriter:
             if outage_of(e) is not None:
                 raise
             why = f"the response could not be stored ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
-            failed = NewResult(row.request_id, 500, b'{"error": {"message": "response not storable", "type": '
-                               b'"server_error", "param": null, "code": "result_not_storable"}}',
-                               error_code="result_not_storable", error_message=why)
+            body, code = openai_error_body(500, "response not storable", code="result_not_storable")
+            failed = NewResult(row.request_id, 500, body, error_code=code, error_message=why)
             return results.write_results(self.url, lease, [failed], done, ttl, self.worker, self.device)
 
     def _count_stale(self, lease: Lease, n: int) -> None:

@@ -109,6 +109,16 @@ class Settings(BaseSettings):
         """Requests a worker keeps in its engine before it takes the next chunk."""
         return self.engine_feed_depth or 2 * self.chunk_size
 
+    def in_process(self, database_url: str) -> Settings:
+        """These settings for a process that runs its own worker (``run``, ``serve --local``): ``database_url``
+        and no broker."""
+        return self.model_copy(update={"database_url": database_url, "broker_url": "memory://"})
+
+
+def database_url_of(db: str) -> str:
+    """A ``--db`` value as a database URL: a URL stays as it is, a path names a SQLite file."""
+    return db if "://" in db else f"sqlite:///{Path(db).expanduser().resolve()}"
+
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:

@@ -19,11 +19,6 @@ from batchllm.status import Endpoint
 Problem = tuple[str, str, str | None]
 """``(code, message, param)`` of an invalid line; ``param`` is a dotted path such as ``body.messages.0.role``."""
 
-ENVELOPE_FIELDS = ("custom_id", "method", "url", "body")
-SHORT_FIELDS = (
-    "id", "model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop",
-    "seed", "n", "presence_penalty", "frequency_penalty", "top_k", "min_p", "repetition_penalty",
-)  # fmt: skip
 URLS = ", ".join(e.value for e in Endpoint)
 
 _TYPE_WORDS = {
@@ -113,14 +108,17 @@ def syntax(text: str) -> tuple[Problem | None, Any]:
     return _unrepresentable(obj), obj
 
 
-def unknown_field(obj: dict[str, Any], openai: bool) -> Problem | None:
+def unknown_field(obj: dict[str, Any], openai: bool, envelope: tuple[str, ...],
+                  short: tuple[str, ...]) -> Problem | None:
     """The first top-level key that the line's form does not have, with a hint.
 
     Args:
         obj: the decoded line.
         openai: True for the OpenAI Batch form (custom_id, method, url, body), False for the short form.
+        envelope: the OpenAI Batch form's fields (the struct that parses it defines them).
+        short: the short form's fields.
     """
-    known = ENVELOPE_FIELDS if openai else SHORT_FIELDS
+    known = envelope if openai else short
     for key in obj:
         if key in known:
             continue
@@ -128,7 +126,7 @@ def unknown_field(obj: dict[str, Any], openai: bool) -> Problem | None:
             hint = suggest(key, known) or "; for other OpenAI fields use the OpenAI Batch form (custom_id, method, url, body)"
         elif key == "id":
             hint = "; the OpenAI Batch form (custom_id, method, url, body) names its id custom_id"
-        elif key in SHORT_FIELDS:
+        elif key in short:
             hint = "; in the OpenAI Batch form (custom_id, method, url, body) it goes inside body"
         else:
             hint = suggest(key, known)

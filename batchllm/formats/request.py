@@ -131,6 +131,10 @@ class ShortLine(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, 
     repetition_penalty: float | None = None
 
 
+_ENVELOPE_FIELDS: tuple[str, ...] = OpenAILine.__struct_fields__
+_SHORT_FIELDS: tuple[str, ...] = ShortLine.__struct_fields__
+
+
 _decode_openai = msgspec.json.Decoder(OpenAILine).decode
 _decode_short = msgspec.json.Decoder(ShortLine).decode
 _decode_messages = msgspec.json.Decoder(list[Message]).decode
@@ -279,11 +283,11 @@ def _slow(line_no: int, raw: bytes, default_model: str | None, check_model: Call
     problem, obj = diagnose.syntax(raw.decode("utf-8"))
     if problem is not None:
         raise _Invalid(problem)
-    openai = any(k in obj for k in diagnose.ENVELOPE_FIELDS)
+    openai = any(k in obj for k in _ENVELOPE_FIELDS)
     raw_id = obj.get("custom_id") if openai else obj.get("id")
     valid_id = isinstance(raw_id, str) and 0 < len(raw_id) <= MAX_ID and "\x00" not in raw_id
     cid = raw_id if valid_id else str(raw_id) if type(raw_id) is int and not openai else None
-    problem = diagnose.unknown_field(obj, openai)
+    problem = diagnose.unknown_field(obj, openai, _ENVELOPE_FIELDS, _SHORT_FIELDS)
     if problem is not None:
         raise _Invalid(problem, cid)
     try:

@@ -20,7 +20,7 @@ from pathlib import Path
 from batchllm.errors import InputError
 from batchllm.queue import message
 from batchllm.services.submit import file_sha256, submit_file
-from batchllm.settings import Settings
+from batchllm.settings import Settings, database_url_of
 from batchllm.status import BatchStatus
 from batchllm.store import batches, leases
 from batchllm.store import dispatch as dispatch_rows
@@ -47,10 +47,10 @@ def embedded_settings(settings: Settings, db: str | None) -> Settings:
     """Settings for the embedded mode: SQLite (default file or ``--db``) and no broker."""
     url = settings.database_url
     if db:
-        url = db if "://" in db else f"sqlite:///{Path(db).expanduser().resolve()}"
+        url = database_url_of(db)
     elif not url.startswith("sqlite"):
         url = f"sqlite:///{settings.data_dir / 'batchllm.db'}"
-    return settings.model_copy(update={"database_url": url, "broker_url": "memory://"})
+    return settings.in_process(url)
 
 
 def run_file(settings: Settings, file: str, *, model: str | None, idempotency_key: str | None = None,

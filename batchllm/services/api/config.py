@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from batchllm.settings import Settings
+from batchllm.settings import Settings, database_url_of
 
 LOCAL_DB_FILE = "serve.db"
 
@@ -32,8 +32,5 @@ def local_settings(settings: Settings, db: str | None = None) -> Settings:
     The file is ``<data dir>/serve.db`` unless ``db`` names another (a path or a database URL); it is not
     ``batchllm run``'s file, so a ``run`` started meanwhile never takes the server's work.
     """
-    if db:
-        url = db if "://" in db else f"sqlite:///{Path(db).expanduser().resolve()}"
-    else:
-        url = f"sqlite:///{Path(settings.data_dir) / LOCAL_DB_FILE}"
-    return settings.model_copy(update={"database_url": url, "broker_url": "memory://"})
+    url = database_url_of(db) if db else f"sqlite:///{Path(settings.data_dir) / LOCAL_DB_FILE}"
+    return settings.in_process(url)

@@ -17,6 +17,7 @@ from batchllm.formats import error_body, output_line, request_id_for
 from batchllm.settings import Settings
 from batchllm.status import BatchStatus
 from batchllm.store import batches
+from batchllm.store.lifecycle import NO_RESPONSE
 from batchllm.store.results import iter_export
 
 _FLUSH = 1 << 20  # bytes buffered per file before a write
@@ -58,7 +59,7 @@ def export(settings: Settings, batch_id: str, out: IO[bytes] | None, errors: IO[
         combined: failures go to ``out`` too, in input order.
     """
     b = batches.get(settings.database_url, batch_id)
-    ended = _ended_code(b.status)
+    ended = NO_RESPONSE.get(BatchStatus(b.status))
     counts = ExportCounts()
     buf_out: list[bytes] = []
     buf_err: list[bytes] = []
@@ -66,22 +67,23 @@ def export(settings: Settings, batch_id: str, out: IO[bytes] | None, errors: IO[
     err_sink = out if combined else errors
     for page in iter_export(settings.database_url, batch_id):
         for t in page:
-            line, ok = _line(t, ended, meta)
-            if line is None:
+            ok = _outcome(t, ended)
+            if ok is None:
                 counts.pending += 1
                 continue
             if ok:
                 counts.outputs += 1
+            else:
+                counts.errors += 1
+            if (out if ok else err_sink) is None:
+                continue  # counted only: a line nobody receives is not formatted
+            line = _line(t, ended, meta)
+            if ok or combined:
                 buf_out.append(line)
                 size_out += len(line)
             else:
-                counts.errors += 1
-                if combined:
-                    buf_out.append(line)
-                    size_out += len(line)
-                else:
-                    buf_err.append(line)
-                    size_err += len(line)
+                buf_err.append(line)
+                size_err += len(line)
         if size_out >= _FLUSH:
             _write(out, buf_out)
             size_out = 0
@@ -100,38 +102,31 @@ def _write(sink: IO[bytes] | None, lines: list[bytes]) -> None:
     lines.clear()
 
 
-def _ended_code(status: str) -> tuple[str, str] | None:
-    """For a batch that ended, the error of requests that never got a response."""
-    st = BatchStatus(status)
-    if st == BatchStatus.EXPIRED:
-        return "batch_expired", "the batch expired (past its completion window) before this request ran"
-    if st == BatchStatus.CANCELLED:
-        return "batch_cancelled", "the batch was cancelled before this request ran"
-    if st == BatchStatus.FAILED:
-        return "batch_failed", "the batch failed validation, so no request ran; see the batch's errors"
-    if st == BatchStatus.COMPLETED:
-        return "request_lost", "no result was recorded for this request; `batchllm retry` runs it again"
-    return None
+def _outcome(t: Any, ended: tuple[str, str] | None) -> bool | None:
+    """Whether an export tuple is a success (True), a failure (False) or has no line yet (None)."""
+    if t[5] is not None:  # rejected at submit
+        return False
+    if t[8] is None:  # no record yet: a failure only once the batch ended
+        return None if ended is None else False
+    return bool(t[9])
 
 
-def _line(t: Any, ended: tuple[str, str] | None, meta: bool) -> tuple[bytes | None, bool]:
-    """One export tuple (``store.results.EXPORT_COLUMNS``) as its output line, and whether it is a success."""
+def _line(t: Any, ended: tuple[str, str] | None, meta: bool) -> bytes:
+    """One export tuple (``store.results.EXPORT_COLUMNS``) that ``_outcome`` gave a line, as that line."""
     rid = request_id_for(t[0])
     extra = _meta(t) if meta else None
     if t[5] is not None:  # rejected at submit: a 400 with OpenAI's error body
         body = error_body(t[6] or "invalid request", "invalid_request_error", t[7], t[5])
-        return output_line(rid, t[2], 400, body, None, extra), False
-    if t[8] is None:  # no record yet
-        if ended is None:
-            return None, False
-        return output_line(rid, t[2], None, None, ended, extra), False
+        return output_line(rid, t[2], 400, body, None, extra)
+    if t[8] is None:  # no record, and the batch ended
+        return output_line(rid, t[2], None, None, ended, extra)
     if t[9]:
-        return output_line(rid, t[2], t[10] or 200, t[11], None, extra), True
+        return output_line(rid, t[2], t[10] or 200, t[11], None, extra)
     if t[10] is None:  # never got a response
-        return output_line(rid, t[2], None, None, (t[12] or "error", t[13] or "request failed"), extra), False
+        return output_line(rid, t[2], None, None, (t[12] or "error", t[13] or "request failed"), extra)
     body = t[11] or error_body(t[13] or "request failed", "invalid_request_error" if t[10] < 500 else "server_error",
                                None, t[12])
-    return output_line(rid, t[2], t[10], body, None, extra), False
+    return output_line(rid, t[2], t[10], body, None, extra)
 
 
 def _meta(t: Any) -> dict[str, Any]:

@@ -67,6 +67,16 @@ def open_chunk_count(s: Session, batch_id: str, statuses: tuple[str, ...] = OPEN
     return int(s.scalar(select(func.count()).where(Chunk.batch_id == batch_id, Chunk.status.in_(statuses))) or 0)
 
 
+#: ``(code, message)`` of a request that got no response, by the status its batch ended in. Written as its record
+#: when the batch ends; an export of a batch that ended before that shows the same.
+NO_RESPONSE: dict[BatchStatus, tuple[str, str]] = {
+    BatchStatus.EXPIRED: ("batch_expired", "the batch expired (past its completion window) before this request ran"),
+    BatchStatus.CANCELLED: ("batch_cancelled", "the batch was cancelled before this request ran"),
+    BatchStatus.FAILED: ("batch_failed", "the batch failed validation, so no request ran; see the batch's errors"),
+    BatchStatus.COMPLETED: ("request_lost", "no result was recorded for this request; `batchllm retry` runs it again"),
+}
+
+
 def begin_finalizing(s: Session, batch_id: str) -> bool:
     """``in_progress → finalizing`` once nothing is open; True if this call moved it."""
     if open_chunk_count(s, batch_id):
@@ -76,8 +86,7 @@ def begin_finalizing(s: Session, batch_id: str) -> bool:
         return False
     if live_counts(s, batch_id, b.total, b.invalid).pending:
         # Every chunk ended, yet some request has no record (a chunk failed as a whole): say so, never hang.
-        error_results(s, (Request.batch_id == batch_id), "request_lost", "no result was recorded for this request; "
-                      "`batchllm retry` runs it again", status_code=500)
+        error_results(s, (Request.batch_id == batch_id), *NO_RESPONSE[BatchStatus.COMPLETED], status_code=500)
     res = s.execute(
         update(Batch).where(Batch.id == batch_id, Batch.status == BatchStatus.IN_PROGRESS)
         .values(status=BatchStatus.FINALIZING, finalizing_at=db_now())
@@ -94,7 +103,7 @@ def seal(s: Session, batch_id: str) -> BatchStatus | None:
     if status == BatchStatus.CANCELLING:
         if open_chunk_count(s, batch_id, (ChunkStatus.LEASED,)):
             return None
-        error_results(s, (Request.batch_id == batch_id), "batch_cancelled", "the batch was cancelled before this request ran")
+        error_results(s, (Request.batch_id == batch_id), *NO_RESPONSE[BatchStatus.CANCELLED])
         new, stamp = BatchStatus.CANCELLED, Batch.cancelled_at
     elif status == BatchStatus.FINALIZING:
         new, stamp = BatchStatus.COMPLETED, Batch.completed_at
@@ -135,8 +144,7 @@ def expire(s: Session, batch_id: str) -> bool:
         update(Chunk).where(Chunk.batch_id == batch_id, Chunk.status.in_(OPEN_CHUNKS))
         .values(status=ChunkStatus.CANCELLED, finished_at=db_now(), lease_expires_at=None)
     )
-    error_results(s, (Request.batch_id == batch_id), "batch_expired",
-                  "the batch expired (past its completion window) before this request ran")
+    error_results(s, (Request.batch_id == batch_id), *NO_RESPONSE[BatchStatus.EXPIRED])
     b = s.get(Batch, batch_id, populate_existing=True)
     assert b is not None
     c = live_counts(s, batch_id, b.total, b.invalid)

@@ -18,13 +18,13 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from batchllm.status import BatchStatus, ChunkStatus, Endpoint, WorkerState
+from batchllm.status import BatchStatus, ChunkStatus, Endpoint
 from batchllm.store import lifecycle
 from batchllm.store.clock import db_now
 from batchllm.store.db import rowcount, session_scope
 from batchllm.store.leader import LeaderFence, guard
 from batchllm.store.models import Batch, Chunk, Request, Result, Worker
-from batchllm.store.workers import mark_lost
+from batchllm.store.workers import alive, mark_lost
 
 _STOPPED_BATCH = (BatchStatus.CANCELLING, BatchStatus.CANCELLED, BatchStatus.EXPIRED, BatchStatus.FAILED)
 
@@ -182,10 +182,7 @@ def reap(url: str, heartbeat_timeout: float, fence: LeaderFence | None) -> Reape
     with session_scope(url) as s:
         guard(s, fence)
         lost = mark_lost(s, heartbeat_timeout)
-        live = select(Worker.instance).where(
-            Worker.instance.is_not(None), Worker.last_heartbeat >= db_now() - heartbeat_timeout,
-            Worker.state.not_in([WorkerState.STOPPED, WorkerState.LOST]),
-        )
+        live = select(Worker.instance).where(Worker.instance.is_not(None), *alive(heartbeat_timeout))
         requeued = _requeue(s, Chunk.status == ChunkStatus.LEASED,
                             (Chunk.lease_expires_at < db_now()) | Chunk.lease_owner.is_(None)
                             | Chunk.lease_owner.not_in(live))

@@ -147,14 +147,16 @@ def add_stale_writes(url: str, instance: str, n: int) -> None:
         s.execute(update(Worker).where(Worker.instance == instance).values(stale_writes=Worker.stale_writes + n))
 
 
+def alive(timeout: float) -> tuple[Any, Any]:
+    """The conditions of a live worker row: heartbeat fresher than ``timeout`` seconds (database time), and
+    neither stopped nor lost (the one definition of liveness)."""
+    return Worker.last_heartbeat >= db_now() - timeout, Worker.state.not_in([WorkerState.STOPPED, WorkerState.LOST])
+
+
 def live_workers(url: str, timeout: float) -> list[WorkerInfo]:
     """Workers whose heartbeat is fresher than ``timeout`` seconds and that have not stopped or been lost."""
     with session_scope(url) as s:
-        rows = s.execute(
-            _select()
-            .where(Worker.last_heartbeat >= db_now() - timeout, Worker.state.not_in([WorkerState.STOPPED, WorkerState.LOST]))
-            .order_by(Worker.name)
-        ).all()
+        rows = s.execute(_select().where(*alive(timeout)).order_by(Worker.name)).all()
     return [_info(r) for r in rows]
 
 

@@ -7,8 +7,9 @@ print), hashed, and looked up; it is never logged, and a 401's message never rep
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
-from fastapi import Request
+from fastapi import Depends, Request
 
 from batchllm.services.api.config import ApiConfig
 from batchllm.services.api.errors import ApiError
@@ -51,3 +52,7 @@ def caller(request: Request) -> Caller:
     if record is None:
         raise ApiError(401, INCORRECT, code="invalid_api_key", headers=_CHALLENGE)
     return Caller(owner=record.id, key_name=record.name)
+
+
+CallerDep = Annotated[Caller, Depends(caller)]
+ConfigDep = Annotated[ApiConfig, Depends(config)]

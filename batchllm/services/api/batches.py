@@ -13,12 +13,12 @@ import logging
 import re
 from typing import IO, Annotated, Any, cast
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict
 
 from batchllm.errors import InputError, NoCapacity, NotFound, ServiceUnavailable, StateError
 from batchllm.queue import producer
-from batchllm.services.api.auth import Caller, caller, config
+from batchllm.services.api.auth import CallerDep, ConfigDep
 from batchllm.services.api.config import ApiConfig
 from batchllm.services.api.errors import ApiError, bad_request, not_found
 from batchllm.services.status import to_openai
@@ -30,8 +30,6 @@ from batchllm.store.files import PartReader
 
 log = logging.getLogger("batchllm.api")
 router = APIRouter(prefix="/v1/batches")
-CallerDep = Annotated[Caller, Depends(caller)]
-ConfigDep = Annotated[ApiConfig, Depends(config)]
 
 ON_INVALID_KEY = "batchllm_on_invalid"
 _WINDOW = re.compile(r"^([1-9][0-9]{0,3})([hd])$")

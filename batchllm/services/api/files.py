@@ -9,12 +9,13 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 import anyio
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 
 from batchllm.errors import NotFound
 from batchllm.services.api import outputs
-from batchllm.services.api.auth import Caller, caller, config
+from batchllm.services.api.auth import CallerDep, ConfigDep
+from batchllm.services.api.batches import list_object
 from batchllm.services.api.config import ApiConfig
 from batchllm.services.api.errors import bad_request
 from batchllm.services.api.upload import receive
@@ -22,8 +23,6 @@ from batchllm.store import files as file_rows
 from batchllm.store.files import FileRecord
 
 router = APIRouter(prefix="/v1/files")
-CallerDep = Annotated[Caller, Depends(caller)]
-ConfigDep = Annotated[ApiConfig, Depends(config)]
 
 
 def file_object(f: FileRecord) -> dict[str, Any]:
@@ -55,8 +54,7 @@ def list_files(who: CallerDep, cfg: ConfigDep, purpose: str | None = None,
             raise bad_request(f"Invalid value for 'after': no file '{after[:80]}'.", "after") from None
     rows = file_rows.listing(cfg.settings.database_url, who.owner, purpose, limit + 1, after, order == "asc")
     data = [file_object(f) for f in rows[:limit]]
-    return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
-            "last_id": data[-1]["id"] if data else None, "has_more": len(rows) > limit}
+    return list_object(data, len(rows) > limit)
 
 
 @router.get("/{file_id}")

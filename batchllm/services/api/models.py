@@ -7,23 +7,20 @@ once), ``hostable_by`` (live workers it fits, with the variant they would load),
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 
 from batchllm.catalog import ModelSpec, load_catalog
 from batchllm.placement.fit import best_variant
 from batchllm.placement.variants import fit_kwargs, row_capacity
-from batchllm.services.api.auth import Caller, caller, config
-from batchllm.services.api.config import ApiConfig
+from batchllm.services.api.auth import CallerDep, ConfigDep
 from batchllm.services.api.errors import ApiError
 from batchllm.settings import Settings
 from batchllm.store import workers as worker_rows
 from batchllm.store.workers import WorkerInfo
 
 router = APIRouter(prefix="/v1/models")
-CallerDep = Annotated[Caller, Depends(caller)]
-ConfigDep = Annotated[ApiConfig, Depends(config)]
 
 
 def model_object(st: Settings, spec: ModelSpec, live: list[WorkerInfo]) -> dict[str, Any]:

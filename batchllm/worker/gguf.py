@@ -12,6 +12,7 @@ import json
 import logging
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -137,25 +138,35 @@ def convert_gguf(gguf_path: Path, out_dir: Path, *, overwrite: bool = False) -> 
         )
     if _non_empty_dir(out_dir) and not overwrite:
         raise InputError(f"{out_dir} already exists; choose another --name or remove it first")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    made: list[ConvertedModel] = []
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        info = _convert_into(gguf_path, tmp, arch)
-        info_final = ConvertedModel(**{**asdict(info), "out_dir": out_dir})
-        # Marker last: a directory without it is never treated as a finished model.
-        (tmp / MARKER_FILE).write_text(json.dumps(info_final.to_json(), indent=2) + "\n")
-        _make_readable(tmp)
-        _move_into_place(tmp, out_dir, overwrite=overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    def fill(tmp: Path) -> dict[str, Any]:
+        made.append(ConvertedModel(**{**asdict(_convert_into(gguf_path, tmp, arch)), "out_dir": out_dir}))
+        return made[0].to_json()
+
+    install_atomically(out_dir, fill, overwrite=overwrite)
+    info_final = made[0]
     log.info("converted %s -> %s (%.1f MB)", gguf_path, out_dir, info_final.size_bytes / 1e6)
     return info_final
 
 
 def _non_empty_dir(path: Path) -> bool:
     return path.is_dir() and any(path.iterdir())
+
+
+def install_atomically(target: Path, fill: Callable[[Path], dict[str, Any]], *, overwrite: bool) -> None:
+    """Build a model directory in a temp dir beside ``target`` (``fill(tmp)`` returns its marker), write the
+    marker last (a directory without it is never treated as a finished model), then rename it into place."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        marker = fill(tmp)
+        (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
+        _make_readable(tmp)
+        _move_into_place(tmp, target, overwrite=overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _make_readable(directory: Path) -> None:

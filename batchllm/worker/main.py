@@ -53,13 +53,14 @@ def resolve_weights(settings: Settings, spec: ModelSpec, variant: Variant | None
 
 def build_engine(settings: Settings, model_ref: str, kind: str, tp: int) -> Any:
     """Create and start the engine for ``model_ref`` (raises ``ModelLoadError``)."""
-    from batchllm.worker.vllm_engine import build_engine as start_engine
+    from batchllm.worker.vllm_engine import VllmEngine
+    from batchllm.worker.vllm_setup import EngineOptions
 
     spec, variant = load_catalog(settings).resolve(model_ref)
     cpu = kind == "cpu"
-    return start_engine(
-        resolve_weights(settings, spec, variant),
-        spec.name,
+    engine = VllmEngine(EngineOptions(
+        model_dir=resolve_weights(settings, spec, variant),
+        served_name=spec.name,
         device="cpu" if cpu else "cuda",
         dtype=(variant.dtype if variant else "bfloat16") or "bfloat16",
         max_model_len=settings.engine_max_model_len or (spec.max_len_for(variant) if variant else spec.max_model_len),
@@ -73,7 +74,9 @@ def build_engine(settings: Settings, model_ref: str, kind: str, tp: int) -> Any:
         log_level=settings.engine_log_level,
         max_num_seqs=settings.engine_max_num_seqs,
         trust_remote_code=spec.trust_remote_code,
-    )
+    ))
+    engine.start()  # loads the model
+    return engine
 
 
 def wait_for_assignment(settings: Settings, identity: WorkerIdentity, stop: threading.Event) -> str | None:

@@ -22,7 +22,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import msgspec
 
@@ -320,35 +320,3 @@ class VllmEngine:
             err = response.error
             return error_result(req.request_id, int(err.code), err.message, since, param=err.param)
         return to_result(req, response, since)
-
-
-def build_engine(
-    model_dir: str, served_name: str, *, device: Literal["cpu", "cuda"] = "cpu", dtype: str = "bfloat16",
-    max_model_len: int | None = None, tensor_parallel: int = 1, gpu_memory_utilization: float = 0.9,
-    enforce_eager: bool = True, quantization: str | None = None, cpu_offload_gb: float = 0.0,
-    cpu_kvcache_gb: float | None = None, seed: int = 0, task: Literal["generate", "embed"] = "generate",
-    log_level: str = "WARNING", max_num_seqs: int | None = None, engine_log: str | None = None,
-    trust_remote_code: bool = False,
-) -> VllmEngine:
-    """Start a :class:`VllmEngine` from plain values (the worker runtime's entry point).
-
-    Args:
-        model_dir: local model directory (or HF repo id); see :class:`EngineOptions` for the rest.
-        served_name: the catalog name responses carry as ``model``.
-
-    Returns:
-        A started engine (the model is loaded).
-
-    Raises:
-        ModelLoadError: weights missing (the message says ``run: batchllm models pull NAME``), wrong
-            device, or vLLM could not load the model.
-    """
-    engine = VllmEngine(EngineOptions(
-        model_dir=model_dir, served_name=served_name, device=device, dtype=dtype, max_model_len=max_model_len,
-        tensor_parallel=tensor_parallel, gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
-        quantization=quantization, cpu_offload_gb=cpu_offload_gb, cpu_kvcache_gb=cpu_kvcache_gb, seed=seed,
-        task=task, log_level=log_level, max_num_seqs=max_num_seqs, engine_log=engine_log,
-        trust_remote_code=trust_remote_code,
-    ))
-    engine.start()
-    return engine
